@@ -1,0 +1,32 @@
+"""Settings of the gateway (environment variables prefixed RETINAL_GATEWAY_)."""
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.config import MIB
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RETINAL_GATEWAY_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    analysis_addr: str = "127.0.0.1:50051"
+    lesion_addr: str = "127.0.0.1:50052"
+    language_addr: str = "127.0.0.1:50053"
+    # Deadlines (seconds) on every backend call.
+    health_deadline_s: float = Field(default=2.0, gt=0)
+    analysis_deadline_s: float = Field(default=60.0, gt=0)
+    lesion_deadline_s: float = Field(default=60.0, gt=0)
+    language_deadline_s: float = Field(default=120.0, gt=0)
+    max_upload_mb: int = Field(default=50, ge=1)
+    max_message_mb: int = Field(default=64, ge=1)
+    log_level: str = "INFO"
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return self.max_upload_mb * MIB
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self.max_message_mb * MIB
