@@ -1,1 +1,1 @@
-"""Code shared by several services: image ingestion, the findings schema, config, logging, gRPC helpers."""
+"""Code used by several services: image ingestion, the findings schema, config, logging, gRPC."""

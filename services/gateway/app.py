@@ -1,0 +1,41 @@
+"""The gateway's FastAPI application: REST for hospital systems, gRPC to the backends."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from shared.imaging import IngestLimits
+
+from services.gateway.analyses.api_router import router as analyses_router
+from services.gateway.backends import BackendChannels
+from services.gateway.health.api_router import router as health_router
+from services.gateway.observability import install_middleware
+from services.gateway.problems import install_handlers
+from services.gateway.settings import GatewaySettings
+
+
+def create_app(settings: GatewaySettings | None = None) -> FastAPI:
+    settings = settings or GatewaySettings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.backends = BackendChannels(settings)
+        yield
+        await app.state.backends.close()
+
+    app = FastAPI(
+        title="RetinalGPT gateway",
+        version="0.1.0",
+        description="Colour fundus photographs in; quality, measurements, lesions, "
+        "assessment and a grounded assistant out.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.ingest_limits = IngestLimits(max_bytes=settings.max_upload_bytes)
+    install_middleware(app)
+    install_handlers(app)
+    app.include_router(health_router)
+    app.include_router(analyses_router)
+    return app

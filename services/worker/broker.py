@@ -1,0 +1,56 @@
+"""Choosing the queue: Redis when one answers, otherwise an embedded filesystem broker."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from services.worker.settings import WorkerSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BrokerChoice:
+    broker_url: str
+    result_backend: str
+    transport_options: dict[str, Any] = field(default_factory=dict)
+    embedded: bool = False
+
+
+def redis_reachable(url: str, timeout_s: float = 1.0) -> bool:
+    try:
+        client = redis.Redis.from_url(
+            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+        )
+        return bool(client.ping())
+    except (redis.RedisError, ValueError):
+        return False
+
+
+def choose_broker(settings: WorkerSettings) -> BrokerChoice:
+    if redis_reachable(settings.redis_url):
+        return BrokerChoice(settings.redis_url, settings.redis_url)
+    # kombu's filesystem transport: messages are files, shared by every process on this machine.
+    root = settings.embedded_broker_dir.resolve()
+    messages, processed, results = root / "messages", root / "processed", root / "results"
+    for folder in (messages, processed, results):
+        folder.mkdir(parents=True, exist_ok=True)
+    logger.warning(
+        "no Redis answered; using the embedded filesystem broker (single machine only)",
+        extra={"redis_url": settings.redis_url.split("@")[-1], "broker_dir": str(root)},
+    )
+    return BrokerChoice(
+        broker_url="filesystem://",
+        result_backend=f"file://{results}",
+        transport_options={
+            "data_folder_in": str(messages),
+            "data_folder_out": str(messages),
+            "processed_folder": str(processed),
+            "store_processed": False,
+        },
+        embedded=True,
+    )

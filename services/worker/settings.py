@@ -1,0 +1,25 @@
+"""Settings of the batch worker (RETINAL_WORKER_*; the broker from REDIS_URL)."""
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="RETINAL_WORKER_", extra="ignore")
+
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("REDIS_URL", "RETINAL_WORKER_REDIS_URL"),
+    )
+    # Used when no Redis answers: a broker on the local filesystem (one machine only).
+    embedded_broker_dir: Path = Path("var/queue")
+    analysis_addr: str = "127.0.0.1:50051"
+    lesion_addr: str = "127.0.0.1:50052"
+    analysis_deadline_s: float = Field(default=120.0, gt=0)
+    lesion_deadline_s: float = Field(default=120.0, gt=0)
+    max_message_mb: int = Field(default=64, ge=1)
+    concurrency: int = Field(default=1, ge=1, le=64)
+    max_retries: int = Field(default=5, ge=0)
+    log_level: str = "INFO"

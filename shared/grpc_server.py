@@ -1,0 +1,65 @@
+"""Bootstrap shared by the gRPC services: limits, health, reflection, graceful SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from shared.config import GrpcServiceSettings
+from shared.logs import configure_logging
+
+logger = logging.getLogger(__name__)
+
+# Adds the service's servicers to the server and returns their full service names.
+Registrar = Callable[[grpc.aio.Server], Sequence[str]]
+
+
+def message_size_options(max_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_bytes),
+        ("grpc.max_receive_message_length", max_bytes),
+    ]
+
+
+async def serve(settings: GrpcServiceSettings, name: str, register: Registrar) -> None:
+    """Serve until SIGTERM/SIGINT, then drain in-flight calls for `shutdown_grace_s`."""
+    server = grpc.aio.server(options=message_size_options(settings.max_message_bytes))
+    service_names = list(register(server))
+
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    reflection.enable_server_reflection(
+        [*service_names, health_name, reflection.SERVICE_NAME], server
+    )
+
+    if server.add_insecure_port(settings.address) == 0:
+        raise RuntimeError(f"{name}: cannot bind {settings.address}")
+    await server.start()
+    for service in ["", *service_names]:
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    logger.info("serving", extra={"address": settings.address, "services": service_names})
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    logger.info("shutting down", extra={"grace_s": settings.shutdown_grace_s})
+    # NOT_SERVING first, so that load balancers and /readyz stop sending new work.
+    await health.enter_graceful_shutdown()
+    await server.stop(settings.shutdown_grace_s)
+    logger.info("stopped")
+
+
+def run(settings: GrpcServiceSettings, name: str, register: Registrar) -> None:
+    configure_logging(name, settings.log_level)
+    asyncio.run(serve(settings, name, register))

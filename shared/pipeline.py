@@ -1,0 +1,99 @@
+"""One image through the backends: used by the gateway and by the batch worker alike.
+
+The analysis and lesion services are called concurrently over gRPC, each with a deadline.
+A backend that answers UNIMPLEMENTED (its models are not installed) becomes a stage marked
+"unavailable" in the findings; any other gRPC error is raised as BackendError for the caller
+to map (HTTP problem, task retry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from protos.retinal.v1 import analysis_pb2, analysis_pb2_grpc, lesion_pb2, lesion_pb2_grpc
+from shared import findings, pixels
+from shared.convert import findings_from_proto, from_proto
+from shared.imaging import IngestedImage
+
+
+class BackendError(Exception):
+    def __init__(self, service: str, code: grpc.StatusCode, detail: str) -> None:
+        super().__init__(f"{service}: {code.name}: {detail}")
+        self.service = service
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class Backends:
+    analysis: analysis_pb2_grpc.AnalysisServiceStub
+    lesion: lesion_pb2_grpc.LesionServiceStub
+    analysis_deadline_s: float
+    lesion_deadline_s: float
+
+
+def _unavailable(stage: str, error: grpc.aio.AioRpcError) -> findings.StageStatus:
+    return findings.StageStatus(
+        stage=stage, state=findings.StageState.UNAVAILABLE, detail=error.details() or ""
+    )
+
+
+async def _call(service: str, call: grpc.aio.UnaryUnaryCall) -> object:  # type: ignore[type-arg]
+    try:
+        return await call
+    except grpc.aio.AioRpcError as error:
+        if error.code() == grpc.StatusCode.UNIMPLEMENTED:
+            return error
+        raise BackendError(service, error.code(), error.details() or "") from error
+
+
+async def analyze(backends: Backends, image: IngestedImage) -> findings.Findings:
+    """The findings of one ingested image."""
+    started = time.perf_counter()
+    message = pixels.to_message(image.rgb, image.info)
+    analysis_reply, lesion_reply = await asyncio.gather(
+        _call(
+            "analysis",
+            backends.analysis.Analyze(
+                analysis_pb2.AnalyzeRequest(image=message), timeout=backends.analysis_deadline_s
+            ),
+        ),
+        _call(
+            "lesion",
+            backends.lesion.Detect(
+                lesion_pb2.DetectRequest(image=message), timeout=backends.lesion_deadline_s
+            ),
+        ),
+    )
+
+    result = findings.Findings(image=image.info)
+    if isinstance(analysis_reply, grpc.aio.AioRpcError):
+        result.stages.append(_unavailable("analysis", analysis_reply))
+    else:
+        assert isinstance(analysis_reply, analysis_pb2.AnalyzeResponse)
+        result = findings_from_proto(analysis_reply.findings)
+        result.image = image.info
+        result.stages.append(findings.StageStatus(stage="analysis", state=findings.StageState.OK))
+
+    if isinstance(lesion_reply, grpc.aio.AioRpcError):
+        result.stages.append(_unavailable("lesion", lesion_reply))
+    else:
+        assert isinstance(lesion_reply, lesion_pb2.DetectResponse)
+        _merge_lesions(result, lesion_reply)
+
+    result.timings_ms["backends"] = (time.perf_counter() - started) * 1000
+    return result
+
+
+def _merge_lesions(result: findings.Findings, reply: lesion_pb2.DetectResponse) -> None:
+    result.lesions = [from_proto(lesion, findings.Lesion) for lesion in reply.lesions]
+    result.lesion_counts = [from_proto(count, findings.LesionCount) for count in reply.counts]
+    if reply.HasField("assessment"):
+        result.assessment = from_proto(reply.assessment, findings.Assessment)
+    result.models.extend(from_proto(model, findings.ModelVersion) for model in reply.models)
+    result.timings_ms.update({f"lesion.{k}": v for k, v in reply.timings_ms.items()})
+    result.stages.append(findings.StageStatus(stage="lesion", state=findings.StageState.OK))
