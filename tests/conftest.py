@@ -1,0 +1,193 @@
+"""Fixtures that start real processes: gRPC services, the gateway, Redis, Celery workers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shared.healthcheck import grpc_serving
+
+REPO = Path(__file__).resolve().parents[1]
+DATASETS = REPO.parent / "shared" / "datasets"
+BACKENDS = ("analysis", "lesion", "language")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+@dataclass
+class ServiceProcess:
+    """One service (`python -m services.<name>`) run as a child process."""
+
+    name: str
+    env: dict[str, str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", f"services.{self.name}"],
+            env=self.env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def stop(self, sig: int = 15, timeout_s: float = 20.0) -> int:
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@dataclass
+class Stack:
+    """The three backends and the gateway on free ports."""
+
+    tmp: Path
+    ports: dict[str, int] = field(default_factory=dict)
+    services: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.ports = {name: free_port() for name in (*BACKENDS, "gateway")}
+        env = dict(os.environ)
+        for name in BACKENDS:
+            env[f"RETINAL_{name.upper()}_PORT"] = str(self.ports[name])
+            env[f"RETINAL_GATEWAY_{name.upper()}_ADDR"] = self.address(name)
+            env[f"RETINAL_WORKER_{name.upper()}_ADDR"] = self.address(name)
+        env["RETINAL_GATEWAY_PORT"] = str(self.ports["gateway"])
+        env["RETINAL_GATEWAY_HEALTH_DEADLINE_S"] = "1.0"
+        self.env = env
+        for name in (*BACKENDS, "gateway"):
+            self.services[name] = ServiceProcess(name, env, self.tmp / f"{name}.log")
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.ports[name]}"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['gateway']}"
+
+    def start_backend(self, name: str) -> None:
+        self.services[name].start()
+        wait_until(lambda: grpc_serving(self.address(name)), 30, f"{name} SERVING")
+
+    def start(self, with_gateway: bool = True) -> None:
+        for name in BACKENDS:
+            self.services[name].start()
+        if with_gateway:
+            self.services["gateway"].start()
+        for name in BACKENDS:
+            wait_until(lambda n=name: grpc_serving(self.address(n)), 30, f"{name} SERVING")
+        if with_gateway:
+            wait_until(self._gateway_up, 30, "the gateway")
+
+    def _gateway_up(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        for service in self.services.values():
+            if service.process is not None:
+                service.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The three backends and the gateway."""
+    running = Stack(tmp_path_factory.mktemp("stack"))
+    running.start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The three backends alone."""
+    running = Stack(tmp_path_factory.mktemp("backends"))
+    running.start(with_gateway=False)
+    yield running
+    running.stop()
+
+
+@dataclass
+class RedisServer:
+    port: int
+    directory: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(self._answers, 10, "redis-server")
+
+    def _answers(self) -> bool:
+        with socket.socket() as sock:
+            return sock.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(free_port(), tmp_path)
+    server.start()
+    yield server
+    server.stop()
