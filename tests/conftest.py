@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import socket
@@ -13,7 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from shared.healthcheck import grpc_serving
 
@@ -35,6 +38,17 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> No
             return
         time.sleep(0.1)
     raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def fundus_png(size: int = 256) -> bytes:
+    """A bright orange disc on black: enough of a fundus for ingestion."""
+    yy, xx = np.mgrid[:size, :size]
+    inside = (xx - size / 2) ** 2 + (yy - size / 2) ** 2 < (size * 0.45) ** 2
+    rgb = np.zeros((size, size, 3), np.uint8)
+    rgb[inside] = (200, 90, 40)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 @dataclass

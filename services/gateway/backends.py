@@ -20,7 +20,12 @@ class BackendChannels:
     channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        options = message_size_options(self.settings.max_message_bytes)
+        options = [
+            *message_size_options(self.settings.max_message_bytes),
+            # Reconnect soon after a backend restarts instead of backing off for minutes.
+            ("grpc.initial_reconnect_backoff_ms", 250),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+        ]
         addresses = {
             "analysis": self.settings.analysis_addr,
             "lesion": self.settings.lesion_addr,

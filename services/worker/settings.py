@@ -7,7 +7,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class WorkerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="RETINAL_WORKER_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="RETINAL_WORKER_", extra="ignore", populate_by_name=True
+    )
 
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
