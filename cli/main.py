@@ -21,13 +21,16 @@ VAR = Path("var")
 
 def _example_image() -> Path:
     """A synthetic fundus drawn by the project's generator (no patient data in the repo)."""
+    from PIL import Image
+
     from shared.synthetic import SyntheticFundusSpec, generate_fundus
-    from shared.synthetic.cli import save_fundus
+    from shared.synthetic.__main__ import DEMO_LESION_COUNTS
 
     path = VAR / "example_fundus.png"
     if not path.exists():
         VAR.mkdir(exist_ok=True)
-        save_fundus(generate_fundus(SyntheticFundusSpec(), seed=0), path)
+        spec = SyntheticFundusSpec(lesion_counts=DEMO_LESION_COUNTS)
+        Image.fromarray(generate_fundus(spec, seed=0).rgb).save(path)
     return path
 
 
