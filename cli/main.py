@@ -23,8 +23,7 @@ def _example_image() -> Path:
     """A synthetic fundus drawn by the project's generator (no patient data in the repo)."""
     from PIL import Image
 
-    from shared.synthetic import SyntheticFundusSpec, generate_fundus
-    from shared.synthetic.__main__ import DEMO_LESION_COUNTS
+    from shared.synthetic import DEMO_LESION_COUNTS, SyntheticFundusSpec, generate_fundus
 
     path = VAR / "example_fundus.png"
     if not path.exists():

@@ -7,10 +7,11 @@ fractal dimension. Never a substitute for real data in benchmarks.
 
 from shared.synthetic.fundus import SyntheticFundus, generate_fundus
 from shared.synthetic.lesions import SyntheticLesion
-from shared.synthetic.spec import LesionSpec, SyntheticFundusSpec
+from shared.synthetic.spec import DEMO_LESION_COUNTS, LesionSpec, SyntheticFundusSpec
 from shared.synthetic.vessels import VesselSegment
 
 __all__ = [
+    "DEMO_LESION_COUNTS",
     "LesionSpec",
     "SyntheticFundus",
     "SyntheticFundusSpec",

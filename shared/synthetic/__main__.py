@@ -9,17 +9,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from shared.findings import LesionType
 from shared.synthetic.fundus import generate_fundus
-from shared.synthetic.spec import SyntheticFundusSpec
-
-# A moderate NPDR-like load for the demo.
-DEMO_LESION_COUNTS = {
-    LesionType.MICROANEURYSM: 8,
-    LesionType.HAEMORRHAGE: 4,
-    LesionType.HARD_EXUDATE: 6,
-    LesionType.SOFT_EXUDATE: 2,
-}
+from shared.synthetic.spec import DEMO_LESION_COUNTS, SyntheticFundusSpec
 
 
 def main(argv: Sequence[str] | None = None) -> int:

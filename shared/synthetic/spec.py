@@ -89,3 +89,12 @@ class SyntheticFundusSpec(BaseModel):
     @property
     def cdr_horizontal_value(self) -> float:
         return self.cdr_vertical if self.cdr_horizontal is None else self.cdr_horizontal
+
+
+# A moderate NPDR-like load for the demo.
+DEMO_LESION_COUNTS = {
+    LesionType.MICROANEURYSM: 8,
+    LesionType.HAEMORRHAGE: 4,
+    LesionType.HARD_EXUDATE: 6,
+    LesionType.SOFT_EXUDATE: 2,
+}
