@@ -19,6 +19,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="RetinalGPT c
 VAR = Path("var")
 
 
+@app.callback()
+def _commands() -> None:
+    """RetinalGPT command line: run the stack, analyse images."""
+
+
 def _example_image() -> Path:
     """A synthetic fundus drawn by the project's generator (no patient data in the repo)."""
     from PIL import Image

@@ -35,7 +35,7 @@ async def readyz(request: Request) -> Response:
     for name, status in statuses.items():
         BACKEND_UP.labels(name).set(1 if status == _SERVING else 0)
     ready = all(status == _SERVING for status in statuses.values())
-    body = Readiness(status="ready" if ready else "not ready", backends=statuses)
+    body = Readiness(ready=ready, backends=statuses)
     if ready:
         return JSONResponse(body.model_dump())
     down = ", ".join(f"{n}={s}" for n, s in statuses.items() if s != _SERVING)

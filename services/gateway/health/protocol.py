@@ -8,6 +8,6 @@ class Liveness(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: str
+    ready: bool
     # Each backend's grpc.health.v1 status (SERVING, NOT_SERVING) or gRPC error code.
     backends: dict[str, str]
