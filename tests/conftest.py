@@ -21,7 +21,8 @@ from PIL import Image
 from shared.healthcheck import grpc_serving
 
 REPO = Path(__file__).resolve().parents[1]
-DATASETS = REPO.parent / "shared" / "datasets"
+# ../shared/datasets beside the checkout, unless RETINAL_DATASETS names another place.
+DATASETS = Path(os.environ.get("RETINAL_DATASETS", REPO.parent / "shared" / "datasets"))
 BACKENDS = ("analysis", "lesion", "language")
 
 

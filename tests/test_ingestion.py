@@ -41,8 +41,8 @@ from shared.imaging import (
     detect_field_of_view,
     ingest,
 )
+from tests.conftest import DATASETS
 
-DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 OP_8BIT = "1.2.840.10008.5.1.4.1.1.77.1.5.1"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
