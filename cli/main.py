@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import time
 from pathlib import Path
@@ -50,6 +51,7 @@ def up(
     """Run every service as a local process (the embedded CPU default), analyse an example
     image, print its findings, and keep the API up until Ctrl-C."""
     configure_logging("launcher")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     stack = LocalStack(log_dir=VAR / "logs")
     stop = False
 

@@ -85,8 +85,13 @@ async def analyze(backends: Backends, image: IngestedImage) -> findings.Findings
         assert isinstance(lesion_reply, lesion_pb2.DetectResponse)
         _merge_lesions(result, lesion_reply)
 
-    result.timings_ms["backends"] = (time.perf_counter() - started) * 1000
+    result.timings_ms["backends"] = elapsed_ms(started)
     return result
+
+
+def elapsed_ms(started: float) -> float:
+    """Milliseconds since `started` (a perf_counter reading), to 0.1 ms."""
+    return round((time.perf_counter() - started) * 1000, 1)
 
 
 def _merge_lesions(result: findings.Findings, reply: lesion_pb2.DetectResponse) -> None:

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from shared.imaging import IngestLimits
 
 from services.gateway.analyses.api_router import router as analyses_router
 from services.gateway.backends import BackendChannels
@@ -14,6 +13,7 @@ from services.gateway.health.api_router import router as health_router
 from services.gateway.observability import install_middleware
 from services.gateway.problems import install_handlers
 from services.gateway.settings import GatewaySettings
+from shared.imaging import IngestLimits
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:

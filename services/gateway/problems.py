@@ -13,9 +13,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from shared.imaging import ImageRejected
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from shared.imaging import ImageRejected
 from shared.pipeline import BackendError
 
 logger = logging.getLogger(__name__)

@@ -31,8 +31,14 @@ def redis_reachable(url: str, timeout_s: float = 1.0) -> bool:
         return False
 
 
+def _safe(settings: WorkerSettings) -> str:
+    """The Redis URL without credentials, for logs."""
+    return settings.redis_url.rsplit("@", 1)[-1]
+
+
 def choose_broker(settings: WorkerSettings) -> BrokerChoice:
     if redis_reachable(settings.redis_url):
+        logger.info("using Redis as broker and result backend", extra={"redis": _safe(settings)})
         return BrokerChoice(settings.redis_url, settings.redis_url)
     # kombu's filesystem transport: messages are files, shared by every process on this machine.
     root = settings.embedded_broker_dir.resolve()
@@ -41,7 +47,7 @@ def choose_broker(settings: WorkerSettings) -> BrokerChoice:
         folder.mkdir(parents=True, exist_ok=True)
     logger.warning(
         "no Redis answered; using the embedded filesystem broker (single machine only)",
-        extra={"redis_url": settings.redis_url.split("@")[-1], "broker_dir": str(root)},
+        extra={"redis": _safe(settings), "broker_dir": str(root)},
     )
     return BrokerChoice(
         broker_url="filesystem://",

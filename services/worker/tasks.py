@@ -10,13 +10,13 @@ from typing import Any
 
 import grpc
 from celery import Task
-from shared.imaging import ImageRejected, ingest
 
 from protos.retinal.v1 import analysis_pb2_grpc, lesion_pb2_grpc
 from services.worker.app import app, settings
 from shared import pipeline
 from shared.config import MIB
 from shared.grpc_server import message_size_options
+from shared.imaging import ImageRejected, ingest
 
 logger = logging.getLogger(__name__)
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-from shared.imaging import IngestLimits, ingest
-
 from services.gateway.analyses.protocol import AnalysisResponse
 from shared import pipeline
+from shared.imaging import IngestLimits, ingest
 
 
 async def analyze_upload(
@@ -21,8 +20,8 @@ async def analyze_upload(
     started = time.perf_counter()
     # Decoding a large photograph is CPU work: keep it off the event loop.
     ingested = await asyncio.to_thread(ingest, data, limits=limits, pixel_size_um=pixel_size_um)
-    ingest_ms = (time.perf_counter() - started) * 1000
+    ingest_ms = pipeline.elapsed_ms(started)
     findings = await pipeline.analyze(backends, ingested)
     findings.timings_ms["ingest"] = ingest_ms
-    findings.timings_ms["total"] = (time.perf_counter() - started) * 1000
+    findings.timings_ms["total"] = pipeline.elapsed_ms(started)
     return AnalysisResponse(findings=findings)
