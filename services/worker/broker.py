@@ -43,7 +43,8 @@ def choose_broker(settings: WorkerSettings) -> BrokerChoice:
     # kombu's filesystem transport: messages are files, shared by every process on this machine.
     root = settings.embedded_broker_dir.resolve()
     messages, processed, results = root / "messages", root / "processed", root / "results"
-    for folder in (messages, processed, results):
+    control = root / "control"
+    for folder in (messages, processed, results, control):
         folder.mkdir(parents=True, exist_ok=True)
     logger.warning(
         "no Redis answered; using the embedded filesystem broker (single machine only)",
@@ -56,6 +57,7 @@ def choose_broker(settings: WorkerSettings) -> BrokerChoice:
             "data_folder_in": str(messages),
             "data_folder_out": str(messages),
             "processed_folder": str(processed),
+            "control_folder": str(control),
             "store_processed": False,
         },
         embedded=True,
