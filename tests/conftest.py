@@ -144,18 +144,22 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The three backends and the gateway."""
     running = Stack(tmp_path_factory.mktemp("stack"))
-    running.start()
-    yield running
-    running.stop()
+    try:
+        running.start()
+        yield running
+    finally:
+        running.stop()
 
 
 @pytest.fixture(scope="module")
 def backends(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The three backends alone."""
     running = Stack(tmp_path_factory.mktemp("backends"))
-    running.start(with_gateway=False)
-    yield running
-    running.stop()
+    try:
+        running.start(with_gateway=False)
+        yield running
+    finally:
+        running.stop()
 
 
 @dataclass
