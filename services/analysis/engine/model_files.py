@@ -1,0 +1,75 @@
+"""Model weight files with a JSON manifest beside them (`<name>.safetensors` + `<name>.json`).
+
+A service verifies the weights' sha256 against the manifest before it builds a network from
+them, and refuses to start on a mismatch: a truncated copy or a swapped file must never serve.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_REQUIRED = ("name", "version", "sha256", "task")
+
+
+class ModelIntegrityError(RuntimeError):
+    """The weights file is missing, unreadable or does not match its manifest."""
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A manifest read from disk and the verified tensors of its weights file."""
+
+    manifest: dict[str, Any]
+    state: dict[str, torch.Tensor]
+
+    @property
+    def label(self) -> str:
+        return f"{self.manifest['name']}@{self.manifest['version']}"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def manifest_path(weights: Path) -> Path:
+    return weights.with_suffix(".json")
+
+
+def load_verified(weights: Path) -> ModelFiles:
+    """Read `<name>.json`, check the sha256 of `<name>.safetensors`, then load the tensors."""
+    manifest_file = manifest_path(weights)
+    if not weights.is_file() or not manifest_file.is_file():
+        raise ModelIntegrityError(f"model files missing: need {weights} and {manifest_file}")
+    manifest = json.loads(manifest_file.read_text())
+    missing = [key for key in _REQUIRED if key not in manifest]
+    if missing:
+        raise ModelIntegrityError(f"{manifest_file} lacks {', '.join(missing)}")
+    actual = sha256_of(weights)
+    if actual != manifest["sha256"]:
+        raise ModelIntegrityError(
+            f"checksum mismatch for {weights}: the manifest says sha256 {manifest['sha256']}, "
+            f"the file has {actual}; refusing to load"
+        )
+    return ModelFiles(manifest=manifest, state=load_file(str(weights)))
+
+
+def save_with_manifest(
+    state: dict[str, torch.Tensor], weights: Path, manifest: dict[str, Any]
+) -> dict[str, Any]:
+    """Write the tensors, then the manifest with their sha256; returns the manifest written."""
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    save_file({key: value.contiguous() for key, value in state.items()}, str(weights))
+    written = {**manifest, "sha256": sha256_of(weights), "bytes": weights.stat().st_size}
+    manifest_path(weights).write_text(json.dumps(written, indent=2) + "\n")
+    return written
