@@ -38,8 +38,10 @@ from training.quality.degrade import GOOD, REJECT, USABLE, degrade, photometric_
 
 REPO = Path(__file__).resolve().parents[2]
 WEIGHTS = REPO / "services" / "analysis" / "weights" / "quality.safetensors"
-# Of the reject samples: degraded fundus, non-fundus photographs, blank frames.
-REJECT_SOURCES = (0.6, 0.3, 0.1)
+# Of the reject samples: degraded fundus, non-fundus photographs, blank frames, featureless
+# fundus-coloured discs (the silhouette of a photograph with nothing gradable inside).
+REJECT_SOURCES = (0.5, 0.25, 0.1, 0.15)
+SYNTHETIC_REJECTS_PER_KIND = 10  # blank frames and featureless discs in the held-out set
 GRADE_SHARES = (0.3, 0.3, 0.4)
 
 app = typer.Typer(add_completion=False)
@@ -54,14 +56,35 @@ def _blank_frame(rng: np.random.Generator) -> np.ndarray:
     return np.clip(frame + rng.normal(0, 0.02, frame.shape).astype(np.float32), 0, 1)
 
 
+def _featureless_disc(images: QualityImages, rng: np.random.Generator) -> np.ndarray:
+    """A round field of a real photograph's mean colour, shaded and noisy, with no anatomy."""
+    pool = list(images.fundus.values())
+    base = pool[rng.integers(len(pool))].astype(np.float32) / 255.0
+    inside = base.max(axis=2) > 0.05
+    colour = base[inside].mean(axis=0) * rng.uniform(0.7, 1.3, 3)
+    side = QUALITY_SIDE
+    yy, xx = (np.mgrid[:side, :side] - side / 2) / (side / 2)
+    radius = rng.uniform(0.75, 1.0)
+    distance = np.hypot(xx - rng.uniform(-0.1, 0.1), yy - rng.uniform(-0.1, 0.1)) / radius
+    shading = 1.0 - rng.uniform(0.0, 0.6) * distance**2
+    frame = colour[None, None, :] * shading[..., None] * (distance < 1.0)[..., None]
+    if rng.random() < 0.3:  # a bright spot where a disc would be
+        spot = np.hypot(xx - rng.uniform(-0.5, 0.5), yy - rng.uniform(-0.3, 0.3)) < 0.12
+        frame[spot & (distance < 1.0)] *= 1.6
+    frame += rng.normal(0, rng.uniform(0.0, 0.03), frame.shape) * (distance < 1.0)[..., None]
+    return np.clip(frame, 0, 1).astype(np.float32)
+
+
 def sample(images: QualityImages, rng: np.random.Generator) -> tuple[np.ndarray, int]:
     grade = int(rng.choice(3, p=GRADE_SHARES))
-    source = int(rng.choice(3, p=REJECT_SOURCES)) if grade == REJECT else 0
+    source = int(rng.choice(len(REJECT_SOURCES), p=REJECT_SOURCES)) if grade == REJECT else 0
     if source == 1:
         pool = list(images.non_fundus.values())
         return photometric_jitter(pool[rng.integers(len(pool))] / 255.0, rng), REJECT
     if source == 2:
         return _blank_frame(rng), REJECT
+    if source == 3:
+        return _featureless_disc(images, rng), REJECT
     pool = list(images.fundus.values())
     base = pool[rng.integers(len(pool))].astype(np.float32) / 255.0
     return degrade(base, grade, rng), grade
@@ -87,9 +110,9 @@ def evaluation_set(images: QualityImages, variants: int = 3) -> tuple[torch.Tens
     for image in images.non_fundus.values():
         xs.append(image.astype(np.float32) / 255.0)
         ys.append(REJECT)
-    for _ in range(10):
-        xs.append(_blank_frame(rng))
-        ys.append(REJECT)
+    for _ in range(SYNTHETIC_REJECTS_PER_KIND):
+        xs += [_blank_frame(rng), _featureless_disc(images, rng)]
+        ys += [REJECT, REJECT]
     tensor = torch.stack([to_tensor((np.clip(x, 0, 1) * 255).astype(np.uint8)) for x in xs])
     return tensor, np.array(ys)
 
@@ -106,8 +129,8 @@ def metrics(net: QualityNet, x: torch.Tensor, y: np.ndarray) -> dict[str, float]
         recall = tp / max(1.0, float((y == index).sum()))
         out[f"f1_{grade.value}"] = 2 * precision * recall / max(1e-9, precision + recall)
     out["macro_f1"] = float(np.mean([out[f"f1_{g.value}"] for g in GRADES]))
-    non_fundus = y.size - 10 - len(NON_FUNDUS_HELD_OUT)
-    out["non_fundus_and_blank_rejected"] = float((predicted[non_fundus:] == REJECT).mean())
+    first = y.size - 2 * SYNTHETIC_REJECTS_PER_KIND - len(NON_FUNDUS_HELD_OUT)
+    out["non_fundus_blank_featureless_rejected"] = float((predicted[first:] == REJECT).mean())
     return out
 
 
@@ -216,7 +239,8 @@ def main(
         "training_data": {
             "note": "no human quality labels: grades come from controlled degradations "
             "(blur, exposure, uneven illumination, haze, noise, occlusion, off-centre) of "
-            "real fundus photographs, plus non-fundus photographs and blank frames as reject",
+            "real fundus photographs, plus non-fundus photographs, blank frames and "
+            "featureless fundus-coloured discs as reject",
             "fundus_folders": list(FUNDUS_FOLDERS),
             "fundus_train_images": sorted(train.fundus),
             "fundus_held_out_images": sorted(held_out.fundus),

@@ -111,6 +111,22 @@ class QualityNet(nn.Module):
         return self.head(pooled)
 
 
+# A measure below this fraction of its clean-range lower bound rejects the image whatever the
+# network says: a photograph with (almost) no contrast or detail has nothing to grade, and the
+# network has not seen every way of being empty (a flat disc, a lens cap with a logo, ...).
+HARD_FLOOR = 0.5
+HARD_MEASURES = ("brightness", "contrast", "sharpness", "retina_fraction")
+
+
+def hard_failures(measures: dict[str, float], normal: dict[str, list[float]]) -> list[str]:
+    return [
+        f"{MEASURE_REASONS[name][0]}: {name} {measures[name]:.3g} "
+        f"far below the clean range (< {HARD_FLOOR * normal[name][0]:.3g})"
+        for name in HARD_MEASURES
+        if measures[name] < HARD_FLOOR * normal[name][0]
+    ]
+
+
 def reasons_for(measures: dict[str, float], normal: dict[str, list[float]]) -> list[str]:
     """Reasons for every measure outside its clean-image range [low, high]."""
     reasons = []
@@ -141,9 +157,13 @@ class QualityGrader:
         square = to_square(rgb)
         probabilities = torch.softmax(self.net(to_tensor(square)[None]), dim=1)[0].tolist()
         grade = GRADES[int(np.argmax(probabilities))]
-        reasons: list[str] = []
-        if grade is not findings.QualityGrade.GOOD:
-            reasons = reasons_for(image_measures(square), self.files.manifest["normal_ranges"])
+        measures = image_measures(square)
+        normal = self.files.manifest["normal_ranges"]
+        reasons = hard_failures(measures, normal)
+        if reasons:
+            grade = findings.QualityGrade.REJECT
+        elif grade is not findings.QualityGrade.GOOD:
+            reasons = reasons_for(measures, normal)
             if not reasons and grade is findings.QualityGrade.REJECT:
                 reasons = ["does not look like a gradable colour fundus photograph"]
             elif not reasons:
