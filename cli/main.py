@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import json
 import logging
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
 
 import httpx
+import numpy as np
 import typer
+from PIL import Image
 
+from cli import analyze as analysis_cli
 from cli.stack import LocalStack
+from services.analysis.settings import AnalysisSettings
 from shared.logs import configure_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="RetinalGPT command line.")
@@ -88,6 +95,84 @@ def up(
     finally:
         typer.echo("stopping the stack", err=True)
         stack.stop()
+
+
+@app.command()
+def analyze(
+    paths: Annotated[list[Path], typer.Argument(help="Image files or folders", exists=True)],
+    output: Annotated[
+        Path | None, typer.Option(help="Findings as JSON Lines (default: standard output)")
+    ] = None,
+    csv_path: Annotated[
+        Path | None, typer.Option("--csv", help="One row per image, AutoMorph's column names")
+    ] = None,
+    save_masks: Annotated[
+        Path | None, typer.Option(help="Write <stem>_<layer>.png masks, input-sized, here")
+    ] = None,
+    weights_dir: Annotated[
+        Path | None, typer.Option(help="Model weights and manifests (default: the service's)")
+    ] = None,
+) -> None:
+    """Analyse fundus photographs in-process: findings per image, a CSV, optional masks."""
+    from services.analysis.engine.analyzer import Analyzer
+
+    files = list(analysis_cli.expand(paths))
+    analyzer = Analyzer.load(weights_dir or AnalysisSettings().weights_dir)
+    with contextlib.ExitStack() as stack:
+        jsonl = stack.enter_context(output.open("w")) if output else sys.stdout
+        table = None
+        if csv_path is not None:
+            handle = stack.enter_context(csv_path.open("w", newline=""))
+            table = csv.DictWriter(handle, fieldnames=analysis_cli.CSV_COLUMNS)
+            table.writeheader()
+        outputs = analysis_cli.Outputs(jsonl=jsonl, table=table, masks=save_masks)
+        done, failed = analysis_cli.analyze_files(files, analyzer, outputs)
+    typer.echo(f"{done} analysed, {failed} failed", err=True)
+    if failed and not done:
+        raise typer.Exit(1)
+
+
+def _read_mask(path: Path | None) -> np.ndarray | None:
+    if path is None:
+        return None
+    return np.asarray(Image.open(path).convert("L")) >= 128
+
+
+@app.command()
+def features(
+    vessel_mask: Annotated[Path, typer.Option(exists=True, help="Binary vessel mask")],
+    artery_mask: Annotated[Path | None, typer.Option(exists=True)] = None,
+    vein_mask: Annotated[Path | None, typer.Option(exists=True)] = None,
+    disc_mask: Annotated[Path | None, typer.Option(exists=True)] = None,
+    cup_mask: Annotated[Path | None, typer.Option(exists=True)] = None,
+    pixel_size_um: Annotated[
+        float | None, typer.Option(min=0.01, help="Micrometres per mask pixel, when known")
+    ] = None,
+) -> None:
+    """The features of given masks (ours or anyone's), as JSON with AutoMorph's columns."""
+    from services.analysis.features import MaskSet, measure
+
+    try:
+        masks = MaskSet(
+            vessel=_read_mask(vessel_mask),
+            artery=_read_mask(artery_mask),
+            vein=_read_mask(vein_mask),
+            disc=_read_mask(disc_mask),
+            cup=_read_mask(cup_mask),
+        )
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+    measured = measure(masks, pixel_size_um=pixel_size_um)
+    typer.echo(
+        json.dumps(
+            {
+                "vessels": measured.vessels.model_dump(mode="json", exclude_none=True),
+                "disc": measured.disc.model_dump(mode="json", exclude_none=True),
+                "columns": measured.columns(),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

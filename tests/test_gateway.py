@@ -46,7 +46,9 @@ def test_readyz_follows_a_backend_down_and_back(stack: Stack) -> None:
     )
 
 
-def test_an_analysis_reports_the_image_and_which_stages_are_unavailable(stack: Stack) -> None:
+def test_an_analysis_reports_the_image_and_refuses_to_measure_a_non_photograph(
+    stack: Stack,
+) -> None:
     reply = httpx.post(
         f"{stack.url}/v1/analyses",
         files={"file": ("ignored-name.jpg", fundus_png())},
@@ -63,10 +65,13 @@ def test_an_analysis_reports_the_image_and_which_stages_are_unavailable(stack: S
     fov = found["image"]["field_of_view"]
     assert abs(fov["center_x"] - 128) < 4 and abs(fov["radius"] - 115) < 6
     states = {s["stage"]: s["state"] for s in found["stages"]}
-    assert states == {"analysis": "unavailable", "lesion": "unavailable"}
-    # Nothing measured, nothing invented.
-    assert found.get("quality") is None and found.get("vessels") is None
-    assert found["lesions"] == []
+    assert states["analysis"] == "ok"
+    # A flat orange disc has the silhouette of a fundus photograph and nothing else in it.
+    assert found["quality"]["grade"] == "reject"
+    assert found["quality"]["reasons"]
+    assert states["vessels"] == states["features"] == "skipped"
+    assert found.get("vessels") is None and found.get("disc") is None
+    assert {m["name"] for m in found["models"]} >= {"quality"}
 
 
 @pytest.mark.parametrize(

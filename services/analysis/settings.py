@@ -1,5 +1,8 @@
 """Settings of the analysis service (environment variables prefixed RETINAL_ANALYSIS_)."""
 
+from pathlib import Path
+
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from shared.config import GrpcServiceSettings
@@ -9,3 +12,6 @@ class AnalysisSettings(GrpcServiceSettings):
     model_config = SettingsConfigDict(env_prefix="RETINAL_ANALYSIS_", extra="ignore")
 
     port: int = 50051
+    weights_dir: Path = Path(__file__).resolve().parent / "weights"
+    # Images analysed at once; each analysis already uses every core through PyTorch.
+    concurrent_analyses: int = Field(default=1, ge=1, le=16)

@@ -1,0 +1,111 @@
+"""`retinal analyze` and `retinal features`: the analysis engine in-process, on files."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from services.analysis.engine.analyzer import AnalysisResult, Analyzer
+from services.analysis.features import AUTOMORPH_COLUMNS, EXTRA_COLUMNS, Measurements
+from shared import findings
+from shared.imaging import ImageRejected, ingest
+
+MASK_LAYERS = ("vessel_prob", "vessel", "artery", "vein", "disc", "cup")
+CSV_COLUMNS = ("source", "quality", "error", *AUTOMORPH_COLUMNS, *EXTRA_COLUMNS)
+
+
+def expand(paths: Iterable[Path]) -> Iterator[Path]:
+    """Files as given; folders walked recursively in name order (hidden files skipped)."""
+    for path in paths:
+        if path.is_dir():
+            yield from (
+                p
+                for p in sorted(path.rglob("*"))
+                if p.is_file() and not any(part.startswith(".") for part in p.parts)
+            )
+        else:
+            yield path
+
+
+def columns(found: findings.Findings) -> dict[str, float | None]:
+    """The AutoMorph-named columns of one image's findings (empty when nothing was measured)."""
+    if found.vessels is None or found.disc is None:
+        return {}
+    pixel_size = None
+    if found.vessels.length_unit == findings.LengthUnit.MICROMETER and found.image:
+        pixel_size = found.image.calibration.pixel_size_um if found.image.calibration else None
+    measured = Measurements(
+        vessels=found.vessels,
+        disc=found.disc,
+        fovea=found.fovea.center if found.fovea else None,
+        pixel_size_um=pixel_size,
+        canonical_scale=1.0,  # not used for columns
+    )
+    return measured.columns()
+
+
+def _uncrop(layer: np.ndarray, info: findings.ImageInfo) -> np.ndarray:
+    """A layer of the analysed (cropped) grid, placed back at the size of the input."""
+    full = np.zeros((info.height, info.width), layer.dtype)
+    fov = info.field_of_view
+    x0, y0 = (fov.crop_x0, fov.crop_y0) if fov else (0, 0)
+    full[y0 : y0 + layer.shape[0], x0 : x0 + layer.shape[1]] = layer
+    return full
+
+
+def save_masks(result: AnalysisResult, stem: str, folder: Path) -> None:
+    info = result.findings.image
+    assert info is not None
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in MASK_LAYERS:
+        layer = result.layers.get(name)
+        if layer is None:
+            continue
+        pixels = np.round(layer * 255) if name == "vessel_prob" else layer.astype(np.float32) * 255
+        Image.fromarray(_uncrop(pixels.astype(np.uint8), info)).save(folder / f"{stem}_{name}.png")
+
+
+@dataclass
+class Outputs:
+    jsonl: IO[str]
+    table: csv.DictWriter[str] | None
+    masks: Path | None
+
+    def write(self, source: Path, record: dict[str, Any], row: dict[str, Any]) -> None:
+        self.jsonl.write(json.dumps({"source": str(source), **record}) + "\n")
+        if self.table is not None:
+            self.table.writerow({"source": str(source), **row})
+
+
+def analyze_files(paths: list[Path], analyzer: Analyzer, outputs: Outputs) -> tuple[int, int]:
+    """Analyse every file; returns (analysed, failed). A bad file never stops the run."""
+    done = failed = 0
+    for path in tqdm(paths, desc="analysing", unit="img"):
+        try:
+            image = ingest(path.read_bytes())
+        except (ImageRejected, OSError) as error:
+            code = getattr(error, "code", "unreadable")
+            detail = getattr(error, "detail", None) or str(error)
+            outputs.write(path, {"error": {"code": code, "detail": detail}}, {"error": code})
+            failed += 1
+            continue
+        result = analyzer.analyze(image.rgb, image.info)
+        found = result.findings
+        grade = found.quality.grade.value if found.quality and found.quality.grade else None
+        outputs.write(
+            path,
+            {"findings": found.model_dump(mode="json", exclude_none=True)},
+            {"quality": grade, **columns(found)},
+        )
+        if outputs.masks is not None:
+            save_masks(result, path.stem, outputs.masks)
+        done += 1
+    return done, failed

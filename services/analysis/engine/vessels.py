@@ -1,0 +1,140 @@
+"""Vessel segmentation and artery/vein classification (inference).
+
+One pass of `VesselUNet` on the canonical grid (`preprocess.py`); the probabilities are mapped
+back to the input's pixel grid. The canonical grid bounds the work: any photograph becomes one
+576 x 576 pass, so no tiling is needed.
+
+On the CPU the network runs in PyTorch with bfloat16 autocast and channels-last memory where
+the processor has native bf16 instructions (AVX512-BF16 / AMX: about 2.5x faster than fp32
+here, same accuracy to the third decimal), fp32 elsewhere; on CUDA, bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from services.analysis.engine.model_files import ModelFiles, load_verified
+from services.analysis.engine.nets import ARTERY, VEIN, VESSEL, VesselUNet
+from services.analysis.engine.preprocess import from_canonical, network_input
+from shared.imaging.fov import FovEstimate, detect_field_of_view
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+DEFAULT_WEIGHTS = WEIGHTS_DIR / "vessel-av-unet.safetensors"
+TASK = "vessel-segmentation+artery-vein"
+NO_VESSEL, ARTERY_LABEL, VEIN_LABEL = 0, 1, 2
+
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+@dataclass(frozen=True)
+class VesselMaps:
+    """Per-pixel results on the input image's grid."""
+
+    vessel: np.ndarray  # float32 H x W, P(vessel), 0 outside the field of view
+    artery: np.ndarray  # float32 H x W, P(artery | vessel): only meaningful on vessel pixels
+    labels: np.ndarray  # uint8 H x W: 0 no vessel, 1 artery, 2 vein
+    threshold: float  # vessel probability threshold behind `labels`
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 arithmetic (else bf16 autocast is emulated and slower than fp32)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class VesselSegmenter:
+    """A loaded vessel/AV network, ready to run on photographs."""
+
+    def __init__(
+        self,
+        net: VesselUNet,
+        manifest: dict,
+        device: torch.device | None = None,
+        precision: Precision = "auto",
+    ) -> None:
+        self.device = device or pick_device()
+        self.manifest = manifest
+        self.threshold = float(manifest.get("threshold", 0.5))
+        self.bf16 = precision == "bf16" or (
+            precision == "auto" and (self.device.type == "cuda" or cpu_has_bf16())
+        )
+        self.net = net.to(self.device).eval()
+        if self.device.type == "cpu":
+            self.net = self.net.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def load(
+        cls,
+        weights: Path = DEFAULT_WEIGHTS,
+        *,
+        device: torch.device | None = None,
+        precision: Precision = "auto",
+        threads: int | None = None,
+    ) -> VesselSegmenter:
+        """Verify and load committed weights; raises ModelIntegrityError on a bad file."""
+        files = load_verified(weights)
+        if files.manifest["task"] != TASK:
+            raise ValueError(f"{weights} holds a {files.manifest['task']!r} model, not {TASK!r}")
+        torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+        return cls(build_net(files), files.manifest, device=device, precision=precision)
+
+    @property
+    def version(self) -> str:
+        return f"{self.manifest['name']}@{self.manifest['version']}"
+
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """N x 3 x S x S network input -> N x 3 x S x S float32 logits."""
+        batch = batch.to(self.device)
+        if self.device.type == "cpu":
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16),
+        ):
+            return self.net(batch).float()
+
+    def predict(self, image: np.ndarray, fov: FovEstimate | None = None) -> VesselMaps:
+        """uint8 H x W x 3 RGB photograph (its FOV, if already known) -> vessel and A/V maps."""
+        fov = fov or detect_field_of_view(image)
+        inputs, grid = network_input(image, fov)
+        logits = self.logits(inputs[None])[0].cpu()
+        vessel = torch.sigmoid(logits[VESSEL]) * grid.fov_mask()
+        artery = torch.sigmoid(logits[ARTERY] - logits[VEIN])  # 2-way softmax
+        full = from_canonical(torch.stack([vessel, artery]), grid).numpy()
+        on_vessel = full[0] >= self.threshold
+        labels = np.where(full[1] >= 0.5, ARTERY_LABEL, VEIN_LABEL).astype(np.uint8)
+        return VesselMaps(
+            vessel=full[0],
+            artery=full[1],
+            labels=np.where(on_vessel, labels, NO_VESSEL).astype(np.uint8),
+            threshold=self.threshold,
+        )
+
+
+def build_net(files: ModelFiles) -> VesselUNet:
+    """The architecture named by the manifest, with its weights (stored fp16) in fp32."""
+    architecture = files.manifest["architecture"]
+    net = VesselUNet(
+        in_channels=int(architecture["in_channels"]),
+        widths=tuple(architecture["widths"]),
+        classes=int(architecture["classes"]),
+    )
+    state = {
+        key: value.float() if value.is_floating_point() else value
+        for key, value in files.state.items()
+    }
+    net.load_state_dict(state)
+    return net
