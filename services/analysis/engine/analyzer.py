@@ -139,16 +139,15 @@ class Analyzer:
         else:
             stages.append(_stage("vessels", findings.StageState.UNAVAILABLE, "no vessel model"))
 
-        disc = _timed(timings, "disc", lambda: self.disc.segment(rgb)) if self.disc else None
-        if disc is not None:
-            layers |= {"disc": disc.disc, "cup": disc.cup}
-            stages.append(_stage("disc", findings.StageState.OK))
+        if self.disc is None:
+            stages.append(_stage("disc", findings.StageState.UNAVAILABLE, "no disc model"))
         else:
-            detail = "no disc model" if self.disc is None else "no optic disc found"
-            state = (
-                findings.StageState.UNAVAILABLE if self.disc is None else findings.StageState.FAILED
-            )
-            stages.append(_stage("disc", state, detail))
+            disc = _timed(timings, "disc", lambda: self.disc.analyse(rgb))
+            if disc.found:
+                layers |= {"disc": disc.disc, "cup": disc.cup}
+                stages.append(_stage("disc", findings.StageState.OK))
+            else:
+                stages.append(_stage("disc", findings.StageState.FAILED, disc.reason))
 
         if "vessel" not in layers:
             return AnalysisResult(findings=result, layers=layers, overlay=OverlayInputs(rgb=rgb))

@@ -252,11 +252,6 @@ class DiscSegmenter:
         prob = torch.sigmoid(self._run(self.locator, to_batch(small)))[0, 0].numpy()
         return blob_location(prob, grid)
 
-    def segment(self, rgb: np.ndarray) -> DiscResult | None:
-        """`analyse`, with None when no disc is found (the analysis pipeline's interface)."""
-        result = self.analyse(rgb)
-        return result if result.found else None
-
     def analyse(self, rgb: np.ndarray) -> DiscResult:
         """Disc and cup of an FOV-cropped uint8 RGB image (as `shared.imaging.ingest` gives)."""
         height, width = rgb.shape[:2]
