@@ -1,0 +1,143 @@
+"""Benchmark of the committed vessel + artery/vein weights; writes bench/results/vessels.json.
+
+    .venv/bin/python -m bench.vessels [--data-root ../shared/datasets] [--repeats 7]
+
+- DRIVE test (20), reference 1st_manual, inside the FOV masks: AUC, Dice, Se, Sp, Acc at the
+  manifest's threshold (chosen on training images), beside the 2nd human observer's figures;
+  also the same in fp32 to show what bf16 inference costs in accuracy.
+- STARE held-out 10 (im0162-im0324, labels-ah, FOV by threshold): Dice and the rest.
+- Artery/vein on LES-AV test (11) and RITE test (20): accuracy and F1 on the reference's
+  artery and vein pixels (crossings excluded).
+- Time per image for the whole `predict` (FOV detection, canonical grid, network, mapping
+  back): a DRIVE image and a 2000-px-wide photograph (a LES-AV test image upscaled in memory),
+  median of --repeats runs after a warm-up; and the network pass alone.
+Skips (exit 0, a message) when the datasets are absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from services.analysis.engine.preprocess import network_input
+from services.analysis.engine.vessels import DEFAULT_WEIGHTS, VesselSegmenter
+from shared.imaging.fov import detect_field_of_view
+from training.segmentation import datasets, evaluate
+
+RESULTS = Path(__file__).resolve().parent / "results" / "vessels.json"
+LARGE_WIDTH = 2000
+
+
+def median_seconds(run: Callable[[], object], repeats: int) -> float:
+    run()  # warm-up: first-call allocations and kernel selection
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return round(statistics.median(times), 4)
+
+
+def second_observer(root: Path) -> dict[str, float]:
+    """DRIVE test 2nd_manual against 1st_manual, inside the FOV: the human baseline."""
+    predicted, reference = [], []
+    for sample in datasets.drive(root, "test"):
+        fov = datasets.read_fov(sample, datasets.read_rgb(sample))
+        predicted.append(
+            datasets.read_vessel(datasets.drive_second_observer(root, sample.image_id))[fov]
+        )
+        reference.append(datasets.read_vessel(sample.vessel)[fov])
+    scores = evaluate.binary_metrics(np.concatenate(predicted), np.concatenate(reference))
+    return {key: round(value, 4) for key, value in scores.items()}
+
+
+def timings(segmenter: VesselSegmenter, root: Path, repeats: int) -> dict[str, object]:
+    drive_rgb = datasets.read_rgb(datasets.drive(root, "test")[0])
+    les_av = datasets.read_rgb(datasets.les_av(root, "test")[0])
+    height = round(les_av.shape[0] * LARGE_WIDTH / les_av.shape[1])
+    large = np.asarray(Image.fromarray(les_av).resize((LARGE_WIDTH, height), Image.BICUBIC))
+    inputs, _ = network_input(drive_rgb, detect_field_of_view(drive_rgb))
+    return {
+        "drive_565x584_predict_s": median_seconds(lambda: segmenter.predict(drive_rgb), repeats),
+        f"large_{LARGE_WIDTH}x{height}_predict_s": median_seconds(
+            lambda: segmenter.predict(large), repeats
+        ),
+        "network_pass_576_s": median_seconds(lambda: segmenter.logits(inputs[None]), repeats),
+        "repeats": repeats,
+        "statistic": "median after one warm-up run",
+    }
+
+
+def run(root: Path, weights: Path, repeats: int, threads: int | None) -> dict[str, object]:
+    segmenter = VesselSegmenter.load(weights, threads=threads)
+    threshold = segmenter.threshold
+    drive_test = datasets.drive(root, "test")
+    drive_scores = evaluate.score_vessels(segmenter, drive_test)
+    fp32 = VesselSegmenter.load(weights, precision="fp32", threads=threads)
+    fp32_report = evaluate.vessel_report(evaluate.score_vessels(fp32, drive_test), threshold)
+    return {
+        "model": segmenter.version,
+        "sha256": segmenter.manifest["sha256"],
+        "date": dt.date.today().isoformat(),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "load_average_1min": round(os.getloadavg()[0], 2),  # other jobs share the cores
+            "device": str(segmenter.device),
+            "precision": "bf16 autocast" if segmenter.bf16 else "fp32",
+        },
+        "threshold": {"value": threshold, "chosen_on": "training images (DRIVE 21-40, STARE 10)"},
+        "drive_test": evaluate.vessel_report(drive_scores, threshold),
+        "drive_test_fp32": {key: fp32_report[key] for key in ("auc", "dice", "accuracy")},
+        "drive_second_observer": second_observer(root),
+        "stare_test": evaluate.vessel_report(
+            evaluate.score_vessels(segmenter, datasets.stare(root, "test")), threshold
+        ),
+        "les_av_test": evaluate.av_report(segmenter, datasets.les_av(root, "test")),
+        "rite_test": evaluate.av_report(segmenter, drive_test),
+        "timing": timings(segmenter, root, repeats),
+    }
+
+
+def _rounded(value: object) -> object:
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="vessel + A/V benchmark")
+    parser.add_argument("--data-root", type=Path, default=datasets.DEFAULT_ROOT)
+    parser.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--threads", type=int, help="torch threads (default: all cores; 1 when a core is busy)"
+    )
+    args = parser.parse_args(argv)
+    if not (args.data_root / "DRIVE").is_dir():
+        print(f"skipped: no datasets under {args.data_root}")
+        return
+    results = _rounded(run(args.data_root, args.weights, max(5, args.repeats), args.threads))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps({key: value for key, value in results.items() if key != "machine"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
