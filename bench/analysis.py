@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("RETINAL_DATASETS", REPO.parent / "shared" / "datasets"))
 IMAGES = {
     "drive_test_01": "DRIVE/test/images/01_test.tif",
-    "drishti_002": "Drishti-GS1/Training/Images/drishtiGS_002.png",
+    "drishti_004": "Drishti-GS1/Training/Images/drishtiGS_004.jpg",
 }
 
 
@@ -56,12 +56,18 @@ def _ingested(data: bytes) -> tuple:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="PyTorch threads (default: every core)"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "analysis.json")
     args = parser.parse_args()
     if not DATASETS.is_dir():
         print(f"skipped: no datasets at {DATASETS}")
         return
     analyzer = Analyzer.load(AnalysisSettings().weights_dir)
+    if args.threads:
+        # After loading: the vessel model sets one thread per core when it loads.
+        torch.set_num_threads(args.threads)
     results = {}
     for name, relative in IMAGES.items():
         matches = sorted((DATASETS / relative).parent.glob(Path(relative).stem + ".*"))
@@ -73,6 +79,7 @@ def main() -> None:
         "machine": {
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
+            "load_average_at_end": os.getloadavg(),
             "platform": platform.platform(),
         },
         "models": [m.model_dump() for m in analyzer.models],
