@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import torch
 
 from protos.retinal.v1 import analysis_pb2, analysis_pb2_grpc, common_pb2
 from services.analysis.engine.analyzer import Analyzer
@@ -62,6 +63,8 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
 def main() -> None:
     settings = AnalysisSettings()
     analyzer = Analyzer.load(settings.weights_dir)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
 
     def register(server: grpc.aio.Server) -> Sequence[str]:
         servicer = AnalysisServicer(analyzer, settings.concurrent_analyses)

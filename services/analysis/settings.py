@@ -15,3 +15,6 @@ class AnalysisSettings(GrpcServiceSettings):
     weights_dir: Path = Path(__file__).resolve().parent / "weights"
     # Images analysed at once; each analysis already uses every core through PyTorch.
     concurrent_analyses: int = Field(default=1, ge=1, le=16)
+    # PyTorch threads (default: one per core). Set 1 when other busy processes share the
+    # cores: oversubscribed OpenMP threads made a DRIVE image 10x slower here.
+    torch_threads: int | None = Field(default=None, ge=1, le=256)
