@@ -16,6 +16,7 @@ from protos.retinal.v1 import (
     analysis_pb2,
     analysis_pb2_grpc,
     common_pb2,
+    findings_pb2,
     language_pb2,
     language_pb2_grpc,
     lesion_pb2,
@@ -72,13 +73,16 @@ def test_analysis_refuses_pixels_that_do_not_match_their_shape(backends: Stack) 
     assert "expected" in error.value.details()
 
 
-def test_backends_without_models_answer_unimplemented_not_invented_results(backends: Stack) -> None:
+def test_analysis_grades_a_black_image_as_reject_and_measures_nothing(backends: Stack) -> None:
     with grpc.insecure_channel(backends.address("analysis")) as channel:
-        with pytest.raises(grpc.RpcError) as error:
-            analysis_pb2_grpc.AnalysisServiceStub(channel).Analyze(
-                analysis_pb2.AnalyzeRequest(image=_image()), timeout=5
-            )
-        assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        reply = analysis_pb2_grpc.AnalysisServiceStub(channel).Analyze(
+            analysis_pb2.AnalyzeRequest(image=_image()), timeout=60
+        )
+    assert reply.findings.quality.grade == findings_pb2.QUALITY_GRADE_REJECT
+    assert not reply.findings.HasField("vessels")
+
+
+def test_lesion_service_without_models_answers_unimplemented(backends: Stack) -> None:
     with grpc.insecure_channel(backends.address("lesion")) as channel:
         with pytest.raises(grpc.RpcError) as error:
             lesion_pb2_grpc.LesionServiceStub(channel).Detect(
