@@ -15,11 +15,26 @@ from tqdm import tqdm
 
 from services.analysis.engine.analyzer import AnalysisResult, Analyzer
 from services.analysis.features import AUTOMORPH_COLUMNS, EXTRA_COLUMNS, Measurements
+from services.lesion.engine.detection import Detection, detect, merged
+from services.lesion.engine.detector import SHORT_NAMES, TYPES, LesionDetector
 from shared import findings
 from shared.imaging import ImageRejected, ingest
 
 MASK_LAYERS = ("vessel_prob", "vessel", "artery", "vein", "disc", "cup")
-CSV_COLUMNS = ("source", "quality", "error", *AUTOMORPH_COLUMNS, *EXTRA_COLUMNS)
+LESION_MASK_LAYERS = tuple(SHORT_NAMES[t] for t in TYPES)  # ma, he, ex, se
+LESION_COLUMNS = tuple(
+    f"{short}_{what}" for short in LESION_MASK_LAYERS for what in ("count", "area_px")
+)
+CSV_COLUMNS = (
+    "source",
+    "quality",
+    "error",
+    *AUTOMORPH_COLUMNS,
+    *EXTRA_COLUMNS,
+    *LESION_COLUMNS,
+    "dr_grade",
+    "referable",
+)
 
 
 def expand(paths: Iterable[Path]) -> Iterator[Path]:
@@ -52,6 +67,21 @@ def columns(found: findings.Findings) -> dict[str, float | None]:
     return measured.columns()
 
 
+def lesion_columns(found: findings.Findings) -> dict[str, float | int | str | None]:
+    """Counts and areas (input pixels) per lesion type, and the DR grade estimate."""
+    row: dict[str, float | int | str | None] = {}
+    for count in found.lesion_counts:
+        if count.type is not None:
+            short = SHORT_NAMES[count.type]
+            row[f"{short}_count"] = count.count
+            row[f"{short}_area_px"] = count.total_area_px
+    if found.assessment is not None:
+        row["dr_grade"] = found.assessment.dr_grade
+        referral = found.assessment.referral
+        row["referable"] = None if referral is None else referral == findings.Referral.REFERABLE
+    return row
+
+
 def _uncrop(layer: np.ndarray, info: findings.ImageInfo) -> np.ndarray:
     """A layer of the analysed (cropped) grid, placed back at the size of the input."""
     full = np.zeros((info.height, info.width), layer.dtype)
@@ -61,14 +91,17 @@ def _uncrop(layer: np.ndarray, info: findings.ImageInfo) -> np.ndarray:
     return full
 
 
-def save_masks(result: AnalysisResult, stem: str, folder: Path) -> None:
+def save_masks(
+    result: AnalysisResult, detection: Detection | None, stem: str, folder: Path
+) -> None:
+    """<stem>_<layer>.png, input-sized: analysis layers, then lesion types (0/255)."""
     info = result.findings.image
     assert info is not None
     folder.mkdir(parents=True, exist_ok=True)
-    for name in MASK_LAYERS:
-        layer = result.layers.get(name)
-        if layer is None:
-            continue
+    layers = {name: result.layers[name] for name in MASK_LAYERS if name in result.layers}
+    if detection is not None:
+        layers.update({SHORT_NAMES[t]: mask for t, mask in detection.masks.items()})
+    for name, layer in layers.items():
         pixels = np.round(layer * 255) if name == "vessel_prob" else layer.astype(np.float32) * 255
         Image.fromarray(_uncrop(pixels.astype(np.uint8), info)).save(folder / f"{stem}_{name}.png")
 
@@ -85,8 +118,16 @@ class Outputs:
             self.table.writerow({"source": str(source), **row})
 
 
-def analyze_files(paths: list[Path], analyzer: Analyzer, outputs: Outputs) -> tuple[int, int]:
-    """Analyse every file; returns (analysed, failed). A bad file never stops the run."""
+def analyze_files(
+    paths: list[Path],
+    analyzer: Analyzer,
+    detector: LesionDetector | None,
+    outputs: Outputs,
+) -> tuple[int, int]:
+    """Analyse every file (lesions too, given a detector); returns (analysed, failed).
+
+    A bad file never stops the run.
+    """
     done = failed = 0
     for path in tqdm(paths, desc="analysing", unit="img"):
         try:
@@ -99,13 +140,18 @@ def analyze_files(paths: list[Path], analyzer: Analyzer, outputs: Outputs) -> tu
             continue
         result = analyzer.analyze(image.rgb, image.info)
         found = result.findings
+        detection = None
+        if detector is not None:
+            mask_types = TYPES if outputs.masks is not None else ()
+            detection = detect(detector, image.rgb, image.info, found, mask_types)
+            found = merged(found, detection, detector)
         grade = found.quality.grade.value if found.quality and found.quality.grade else None
         outputs.write(
             path,
             {"findings": found.model_dump(mode="json", exclude_none=True)},
-            {"quality": grade, **columns(found)},
+            {"quality": grade, **columns(found), **lesion_columns(found)},
         )
         if outputs.masks is not None:
-            save_masks(result, path.stem, outputs.masks)
+            save_masks(result, detection, path.stem, outputs.masks)
         done += 1
     return done, failed

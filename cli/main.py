@@ -112,12 +112,21 @@ def analyze(
     weights_dir: Annotated[
         Path | None, typer.Option(help="Model weights and manifests (default: the service's)")
     ] = None,
+    lesions: Annotated[
+        bool, typer.Option(help="Detect lesions (MA, HE, EX, SE) and assess the image")
+    ] = True,
+    lesion_weights: Annotated[
+        Path | None, typer.Option(help="Lesion model weights (default: the lesion service's)")
+    ] = None,
 ) -> None:
     """Analyse fundus photographs in-process: findings per image, a CSV, optional masks."""
     from services.analysis.engine.analyzer import Analyzer
+    from services.lesion.engine.detector import LesionDetector
+    from services.lesion.settings import LesionSettings
 
     files = list(analysis_cli.expand(paths))
     analyzer = Analyzer.load(weights_dir or AnalysisSettings().weights_dir)
+    detector = LesionDetector.load(lesion_weights or LesionSettings().weights) if lesions else None
     with contextlib.ExitStack() as stack:
         jsonl = stack.enter_context(output.open("w")) if output else sys.stdout
         table = None
@@ -126,7 +135,7 @@ def analyze(
             table = csv.DictWriter(handle, fieldnames=analysis_cli.CSV_COLUMNS)
             table.writeheader()
         outputs = analysis_cli.Outputs(jsonl=jsonl, table=table, masks=save_masks)
-        done, failed = analysis_cli.analyze_files(files, analyzer, outputs)
+        done, failed = analysis_cli.analyze_files(files, analyzer, detector, outputs)
     typer.echo(f"{done} analysed, {failed} failed", err=True)
     if failed and not done:
         raise typer.Exit(1)

@@ -3,7 +3,8 @@
 The analysis and lesion services are called concurrently over gRPC, each with a deadline.
 A backend that answers UNIMPLEMENTED (its models are not installed) becomes a stage marked
 "unavailable" in the findings; any other gRPC error is raised as BackendError for the caller
-to map (HTTP problem, task retry).
+to map (HTTP problem, task retry). Lesion positions and the screening assessment are
+computed here, once both answers are in: they need the anatomy and the lesions together.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import grpc
 
 from protos.retinal.v1 import analysis_pb2, analysis_pb2_grpc, lesion_pb2, lesion_pb2_grpc
 from shared import findings, pixels
+from shared.assessment import assess
 from shared.convert import findings_from_proto, from_proto
 from shared.imaging import IngestedImage
+from shared.lesion_positions import position_lesions
 
 
 class BackendError(Exception):
@@ -84,6 +87,10 @@ async def analyze(backends: Backends, image: IngestedImage) -> findings.Findings
     else:
         assert isinstance(lesion_reply, lesion_pb2.DetectResponse)
         _merge_lesions(result, lesion_reply)
+        # The two services ran concurrently: only now are lesions and anatomy side by side.
+        size = (image.info.width, image.info.height)
+        result.lesions = position_lesions(result.lesions, result, size)
+    result.assessment = assess(result)
 
     result.timings_ms["backends"] = elapsed_ms(started)
     return result
@@ -97,8 +104,6 @@ def elapsed_ms(started: float) -> float:
 def _merge_lesions(result: findings.Findings, reply: lesion_pb2.DetectResponse) -> None:
     result.lesions = [from_proto(lesion, findings.Lesion) for lesion in reply.lesions]
     result.lesion_counts = [from_proto(count, findings.LesionCount) for count in reply.counts]
-    if reply.HasField("assessment"):
-        result.assessment = from_proto(reply.assessment, findings.Assessment)
     result.models.extend(from_proto(model, findings.ModelVersion) for model in reply.models)
     result.timings_ms.update({f"lesion.{k}": v for k, v in reply.timings_ms.items()})
     result.stages.append(findings.StageStatus(stage="lesion", state=findings.StageState.OK))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 from pathlib import Path
@@ -158,6 +159,23 @@ def test_retinal_analyze_writes_jsonl_csv_and_input_sized_masks(
     assert vessel.size == (565, 584)
     assert set(np.unique(np.asarray(vessel))) <= {0, 255}
     assert (masks / "eye_vessel_prob.png").exists() and (masks / "eye_artery.png").exists()
+    found = records["eye.tif"]["findings"]
+    assert [c["type"] for c in found["lesion_counts"]] == [
+        "microaneurysm",
+        "haemorrhage",
+        "hard_exudate",
+        "soft_exudate",
+    ]
+    assert found["assessment"]["reasons"]
+    assert {"lesion-unet"} <= {m["name"] for m in found["models"]}
+    rows = {Path(r["source"]).name: r for r in csv.DictReader(table.open())}
+    counts = [c["count"] for c in found["lesion_counts"]]
+    assert [int(rows["eye.tif"][f"{short}_count"]) for short in ("ma", "he", "ex", "se")] == counts
+    assert rows["eye.tif"]["dr_grade"] == str(found["assessment"]["dr_grade"])
+    for short in ("ma", "he", "ex", "se"):
+        lesion_mask = Image.open(masks / f"eye_{short}.png")
+        assert lesion_mask.size == (565, 584)
+        assert set(np.unique(np.asarray(lesion_mask))) <= {0, 255}
 
 
 def test_retinal_features_measures_given_masks(tmp_path: Path) -> None:

@@ -71,7 +71,12 @@ def test_an_analysis_reports_the_image_and_refuses_to_measure_a_non_photograph(
     assert found["quality"]["reasons"]
     assert states["vessels"] == states["features"] == "skipped"
     assert found.get("vessels") is None and found.get("disc") is None
-    assert {m["name"] for m in found["models"]} >= {"quality"}
+    assert {m["name"] for m in found["models"]} >= {"quality", "lesion-unet"}
+    # Lesions ran too, but a rejected image is not graded: the assessment says why.
+    assert states["lesion"] == "ok"
+    assert len(found["lesion_counts"]) == 4
+    assert found["assessment"].get("dr_grade") is None
+    assert "ungradable" in found["assessment"]["reasons"][0]
 
 
 @pytest.mark.parametrize(

@@ -82,13 +82,16 @@ def test_analysis_grades_a_black_image_as_reject_and_measures_nothing(backends: 
     assert not reply.findings.HasField("vessels")
 
 
-def test_lesion_service_without_models_answers_unimplemented(backends: Stack) -> None:
+def test_lesion_detect_answers_a_black_image_with_a_valid_response(
+    backends: Stack,
+) -> None:
     with grpc.insecure_channel(backends.address("lesion")) as channel:
-        with pytest.raises(grpc.RpcError) as error:
-            lesion_pb2_grpc.LesionServiceStub(channel).Detect(
-                lesion_pb2.DetectRequest(image=_image()), timeout=5
-            )
-        assert error.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        reply = lesion_pb2_grpc.LesionServiceStub(channel).Detect(
+            lesion_pb2.DetectRequest(image=_image()), timeout=30
+        )
+    assert len(reply.counts) == 4
+    assert len(reply.models) == 1 and reply.models[0].sha256
+    assert reply.HasField("assessment")
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,7 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(self.executor, self.analyzer.analyze, rgb, info)
         overlays = [
-            analysis_pb2.Overlay(layer=layer, png=render(result.overlay, layer))
+            common_pb2.Overlay(layer=layer, png=render(result.overlay, layer))
             for layer in dict.fromkeys(request.overlays)
             if result.overlay is not None
         ]

@@ -1,7 +1,12 @@
 """Settings of the lesion service (environment variables prefixed RETINAL_LESION_)."""
 
+from pathlib import Path
+
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from services.lesion.engine.detection import DEFAULT_MAX_PER_TYPE
+from services.lesion.engine.detector import DEFAULT_WEIGHTS
 from shared.config import GrpcServiceSettings
 
 
@@ -9,3 +14,8 @@ class LesionSettings(GrpcServiceSettings):
     model_config = SettingsConfigDict(env_prefix="RETINAL_LESION_", extra="ignore")
 
     port: int = 50052
+    weights: Path = DEFAULT_WEIGHTS
+    # Images processed at once; each detection already uses every core through PyTorch.
+    concurrent_detections: int = Field(default=1, ge=1, le=16)
+    # Lesions listed per type (the most confident); counts and areas still cover all of them.
+    max_lesions_per_type: int = Field(default=DEFAULT_MAX_PER_TYPE, ge=1, le=10_000)

@@ -1,0 +1,260 @@
+"""Benchmark of the lesion network; writes bench/results/lesions.json.
+
+    .venv/bin/python -m bench.lesions --fold 0=var/lesions/fold0/lesion-unet.safetensors \
+        [--fold 1=...] [--served services/lesion/weights/lesion-unet.safetensors] \
+        [--repeats 5] [--update-manifest]
+    .venv/bin/python -m bench.lesions --threads 2   # no --fold: re-time the served model only
+
+- Per-type AUPR (sklearn average_precision_score, the IDRiD challenge metric) on the held-out
+  full-size images of each cross-validation fold given (training/lesions/data.py: fold k holds
+  out IDRiD_{k+1}, +4, +8, ...), at FULL resolution: the probabilities are resized from the
+  working grid back onto the 4288 x 2848 image and compared with the full-size masks over all
+  pixels, pooled over the held-out images. Scores are quantised to 1/65535 so the curve is
+  computed from per-level counts (exact for the quantised scores).
+- Lesion-level detection per type: reference lesions are the components of the full-size
+  masks, merged with the service's rule; candidates are the service's instances at a low
+  threshold (`CANDIDATE_THRESHOLD`), ranked by confidence. A candidate is a true positive when
+  its box has IoU >= `MATCH_IOU` with a not-yet-matched reference box (greedy by confidence).
+  Sensitivity at 1, 2 and 4 false positives per image (free-response operating points).
+- Pixel thresholds maximising F1 on the held-out pixels; --update-manifest writes them and
+  the metrics into the served model's manifest (the weights, and so their sha256, stay).
+- Speed: the service's whole `detect` (FOV, working grid, tiled network, instances,
+  positions, assessment) on IDRiD_01 (4288 x 2848), median of --repeats runs after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.metrics import average_precision_score
+
+from services.lesion.engine.detection import detect
+from services.lesion.engine.detector import DEFAULT_WEIGHTS, SHORT_NAMES, TYPES, LesionDetector
+from services.lesion.engine.instances import MERGE_GAP_FRACTION, Instance, components, extract
+from services.lesion.engine.preprocess import WorkGrid
+from shared import findings
+from training.lesions import data
+
+RESULTS = Path(__file__).resolve().parent / "results" / "lesions.json"
+LEVELS = 65535
+CANDIDATE_THRESHOLD = 0.05
+MATCH_IOU = 0.2
+FP_RATES = (1.0, 2.0, 4.0)
+
+
+def full_resolution(probability: np.ndarray, grid: WorkGrid, shape: tuple[int, int]) -> np.ndarray:
+    """A working-grid map resized onto the input image (0 outside the FOV crop), uint16."""
+    size = (grid.x1 - grid.x0, grid.y1 - grid.y0)
+    resized = np.asarray(Image.fromarray(probability).resize(size, Image.Resampling.BILINEAR))
+    full = np.zeros(shape, dtype=np.uint16)
+    full[grid.y0 : grid.y1, grid.x0 : grid.x1] = np.round(np.clip(resized, 0, 1) * LEVELS)
+    return full
+
+
+def aupr(positives: np.ndarray, negatives: np.ndarray) -> float:
+    """Average precision from per-level counts (sklearn, levels weighted by their counts)."""
+    levels = np.arange(LEVELS + 1)
+    keep_p, keep_n = positives > 0, negatives > 0
+    scores = np.concatenate([levels[keep_p], levels[keep_n]])
+    truth = np.concatenate([np.ones(keep_p.sum()), np.zeros(keep_n.sum())])
+    weights = np.concatenate([positives[keep_p], negatives[keep_n]]).astype(np.float64)
+    return float(average_precision_score(truth, scores, sample_weight=weights))
+
+
+def best_f1_threshold(positives: np.ndarray, negatives: np.ndarray) -> tuple[float, float]:
+    """(threshold, F1) maximising pixel F1 when predicting 'lesion' for score >= threshold."""
+    tp = np.cumsum(positives[::-1])[::-1].astype(np.float64)
+    fp = np.cumsum(negatives[::-1])[::-1].astype(np.float64)
+    f1 = 2 * tp / np.maximum(tp + fp + positives.sum(), 1)
+    best = int(np.argmax(f1[1:]) + 1)  # level 0 would call the whole image a lesion
+    return best / LEVELS, float(f1[best])
+
+
+def iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    if w <= 0 or h <= 0:
+        return 0.0
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union
+
+
+def match(candidates: list[Instance], references: list[Instance]) -> list[bool]:
+    """Per candidate (most confident first): does it claim an unmatched reference lesion?"""
+    free = list(references)
+    hits = []
+    for candidate in sorted(candidates, key=lambda c: c.confidence, reverse=True):
+        overlaps = [iou(candidate.box, ref.box) for ref in free]
+        best = int(np.argmax(overlaps)) if overlaps else -1
+        hit = best >= 0 and overlaps[best] >= MATCH_IOU
+        if hit:
+            free.pop(best)
+        hits.append(hit)
+    return hits
+
+
+def froc(records: list[tuple[float, bool]], references: int, images: int) -> dict:
+    """Sensitivity at FP_RATES false positives per image from (confidence, hit) pairs."""
+    records = sorted(records, key=lambda r: r[0], reverse=True)
+    hits = np.array([hit for _, hit in records], dtype=bool)
+    tp, fp = np.cumsum(hits), np.cumsum(~hits)
+    out: dict = {"reference_lesions": references, "candidates": len(records)}
+    for rate in FP_RATES:
+        within = fp <= rate * images
+        best = int(tp[within].max()) if within.any() else 0
+        out[f"sensitivity_at_{rate:g}_fp"] = round(best / references, 4) if references else None
+    out["max_fp_per_image"] = round(float(fp[-1]) / images, 2) if len(fp) else 0.0
+    return out
+
+
+def evaluate_fold(detector: LesionDetector, fold: int, root: Path, totals: dict) -> list[str]:
+    """Accumulate pixel counts and lesion matches of one fold's held-out images into totals."""
+    ids = list(data.fold_ids(fold))
+    for image_id in ids:
+        rgb, masks = data.load_full(image_id, root)
+        maps = detector.predict(rgb)
+        gap_full = MERGE_GAP_FRACTION * 2.0 * maps.grid.fov_radius / maps.grid.scale
+        thresholds = dict.fromkeys(TYPES, CANDIDATE_THRESHOLD)
+        candidates, _ = extract(maps, thresholds, max_per_type=10**9)
+        for channel, lesion_type in enumerate(TYPES):
+            name = SHORT_NAMES[lesion_type]
+            scores = full_resolution(maps.probabilities[channel], maps.grid, rgb.shape[:2])
+            truth = masks[channel]
+            totals[name]["pos"] += np.bincount(scores[truth], minlength=LEVELS + 1)
+            totals[name]["neg"] += np.bincount(scores[~truth], minlength=LEVELS + 1)
+            refs = components(truth.astype(np.float32), lesion_type, 0.5, gap_full)
+            mine = [c for c in candidates if c.type == lesion_type]
+            hits = match(mine, refs)
+            ranked = sorted(mine, key=lambda c: c.confidence, reverse=True)
+            totals[name]["records"] += [
+                (c.confidence, h) for c, h in zip(ranked, hits, strict=True)
+            ]
+            totals[name]["references"] += len(refs)
+        print(f"fold {fold} {image_id} done", flush=True)
+    return ids
+
+
+def timing(weights: Path, root: Path, repeats: int, threads: int) -> dict:
+    detector = LesionDetector.load(weights, threads=threads)
+    rgb, _ = data.load_full("IDRiD_01", root)
+    info = findings.ImageInfo(width=rgb.shape[1], height=rgb.shape[0])
+    detect(detector, rgb, info)  # warm-up: first-call allocations and kernel selection
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        detect(detector, rgb, info)
+        runs.append(time.perf_counter() - start)
+    return {
+        "image": "IDRiD_01 (4288 x 2848, decoded beforehand)",
+        "what": "services.lesion.engine.detection.detect: FOV, grid, tiled network, instances, "
+        "positions, assessment",
+        "runs_s": [round(r, 3) for r in runs],
+        "median_s": round(statistics.median(runs), 3),
+        "threads": threads,
+        "bf16": detector.bf16,
+        "target_s": 5.0,
+    }
+
+
+def cross_validation(specs: list[str], root: Path, threads: int) -> dict:
+    """Per-type metrics over the held-out images of the folds given as K=weights."""
+    totals = {
+        SHORT_NAMES[t]: {
+            "pos": np.zeros(LEVELS + 1, np.int64),
+            "neg": np.zeros(LEVELS + 1, np.int64),
+            "records": [],
+            "references": 0,
+        }
+        for t in TYPES
+    }
+    folds: dict[str, list[str]] = {}
+    for spec in specs:
+        fold, weights = spec.split("=", 1)
+        detector = LesionDetector.load(Path(weights), threads=threads)
+        folds[fold] = evaluate_fold(detector, int(fold), root, totals)
+    images = sum(len(ids) for ids in folds.values())
+    per_type = {}
+    for name, total in totals.items():
+        threshold, f1 = best_f1_threshold(total["pos"], total["neg"])
+        per_type[name] = {
+            "aupr": round(aupr(total["pos"], total["neg"]), 4),
+            "best_f1": round(f1, 4),
+            "best_f1_threshold": round(threshold, 4),
+            "lesions": froc(total["records"], total["references"], images),
+        }
+    return {
+        "cross_validation": {
+            "scheme": "by image over IDRiD-seg 01-20: fold k holds out IDRiD_{k+1}, +4, +8, "
+            "+12, +16 (4 folds of 5); IDRiD-seg-512 copies of held-out images never trained on",
+            "folds_run": folds,
+            "held_out_images": images,
+            "resolution": "full size (4288 x 2848), all pixels, pooled over held-out images",
+        },
+        "targets_aupr": {"ma": 0.35, "he": 0.55, "ex": 0.75, "se": 0.50},
+        "anchors_aupr_idrid_top": {"ma": 0.50, "he": 0.65, "ex": 0.89, "se": 0.70},
+        "lesion_matching": f"box IoU >= {MATCH_IOU}, greedy by confidence; candidates at "
+        f"probability >= {CANDIDATE_THRESHOLD}",
+        "per_type": per_type,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--fold",
+        action="append",
+        default=[],
+        help="K=weights of fold K; none: keep the "
+        "cross-validation part of the previous results and only time the served model",
+    )
+    parser.add_argument("--served", type=Path, default=DEFAULT_WEIGHTS)
+    parser.add_argument("--data-root", type=Path, default=data.DEFAULT_ROOT)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="0: one per core")
+    parser.add_argument("--update-manifest", action="store_true")
+    args = parser.parse_args()
+    threads = args.threads or len(os.sched_getaffinity(0))
+    if args.fold:
+        report = cross_validation(args.fold, args.data_root, threads)
+        if args.update_manifest:  # before timing: the served thresholds shape the instances
+            update_manifest(args.served, report)
+    else:
+        report = json.loads(RESULTS.read_text())
+    report["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    report["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    report["speed"] = timing(args.served, args.data_root, args.repeats, threads)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "machine"}, indent=2))
+
+
+def update_manifest(weights: Path, report: dict) -> None:
+    """Held-out thresholds and metrics into the served manifest (weights untouched)."""
+    path = weights.with_suffix(".json")
+    manifest = json.loads(path.read_text())
+    per_type = report["per_type"]
+    manifest["thresholds"] = {n: v["best_f1_threshold"] for n, v in per_type.items()}
+    manifest["thresholds_source"] = "pixel-F1 optimum on the cross-validation held-out images"
+    manifest["metrics"] = {
+        "cv_folds_run": sorted(report["cross_validation"]["folds_run"]),
+        "held_out_images": report["cross_validation"]["held_out_images"],
+        "aupr": {n: v["aupr"] for n, v in per_type.items()},
+        "sensitivity_at_2_fp": {
+            n: v["lesions"]["sensitivity_at_2_fp"] for n, v in per_type.items()
+        },
+    }
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Lesion detection engine: the working grid, the network pass, instances and overlays."""

@@ -1,0 +1,169 @@
+"""Per-pixel lesion probabilities (MA, HE, EX, SE) from a fundus photograph.
+
+The image goes onto the working grid (`preprocess.py`), then through a 4-output `VesselUNet`
+(the analysis service's compact U-Net, built here with four sigmoid outputs) in overlapping
+tiles: each tile's border, where the convolutions saw padding, is discarded. On CPUs with
+native bf16 (AVX512-BF16 / AMX) the pass runs under bf16 autocast with channels-last memory,
+as the vessel network does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from services.analysis.engine.model_files import ModelFiles, load_verified
+from services.analysis.engine.nets import VesselUNet
+from services.analysis.engine.vessels import Precision, cpu_has_bf16, pick_device
+from services.lesion.engine.preprocess import WorkGrid, resample, standardise
+from shared.findings import LesionType
+from shared.imaging.fov import FovEstimate, detect_field_of_view
+
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
+DEFAULT_WEIGHTS = WEIGHTS_DIR / "lesion-unet.safetensors"
+TASK = "lesion-segmentation"
+# Output channel order of the network.
+TYPES = (
+    LesionType.MICROANEURYSM,
+    LesionType.HAEMORRHAGE,
+    LesionType.HARD_EXUDATE,
+    LesionType.SOFT_EXUDATE,
+)
+SHORT_NAMES = {
+    LesionType.MICROANEURYSM: "ma",
+    LesionType.HAEMORRHAGE: "he",
+    LesionType.HARD_EXUDATE: "ex",
+    LesionType.SOFT_EXUDATE: "se",
+}
+TILE = 1024  # most working px per tile side, margin included (bounds the memory of a pass)
+MARGIN = 32  # px of each tile border discarded (the U-Net's padding effects)
+
+
+@dataclass(frozen=True)
+class LesionMaps:
+    """Probabilities on the working grid and the grid's place in the input image."""
+
+    probabilities: np.ndarray  # float32 4 x h x w in TYPES order, 0 outside the FOV
+    grid: WorkGrid
+
+
+def tiles(length: int, tile: int, margin: int) -> Iterator[tuple[int, int, int, int]]:
+    """(read_start, read_end, keep_start, keep_end) windows covering 0..length on one axis.
+
+    As few windows of at most `tile` as will do, of equal size, overlapping by 2 * margin, so
+    every kept pixel is at least `margin` from a window border (except at the image's own
+    borders) and little is computed twice.
+    """
+    if length <= tile:
+        yield 0, length, 0, length
+        return
+    count = math.ceil((length - 2 * margin) / (tile - 2 * margin))
+    size = math.ceil((length + 2 * margin * (count - 1)) / count)
+    for k in range(count):
+        start = min(k * (size - 2 * margin), length - size)
+        keep_start = 0 if k == 0 else start + margin
+        keep_end = length if k == count - 1 else start + size - margin
+        yield start, start + size, keep_start, keep_end
+
+
+class LesionDetector:
+    """A loaded lesion network, ready to run on photographs."""
+
+    def __init__(
+        self,
+        net: VesselUNet,
+        manifest: dict,
+        device: torch.device | None = None,
+        precision: Precision = "auto",
+    ) -> None:
+        self.device = device or pick_device()
+        self.manifest = manifest
+        self.bf16 = precision == "bf16" or (
+            precision == "auto" and (self.device.type == "cuda" or cpu_has_bf16())
+        )
+        self.net = net.to(self.device).eval()
+        if self.device.type == "cpu":
+            self.net = self.net.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def load(
+        cls,
+        weights: Path = DEFAULT_WEIGHTS,
+        *,
+        device: torch.device | None = None,
+        precision: Precision = "auto",
+        threads: int | None = None,
+    ) -> LesionDetector:
+        """Verify and load committed weights; raises ModelIntegrityError on a bad file."""
+        files = load_verified(weights)
+        if files.manifest["task"] != TASK:
+            raise ValueError(f"{weights} holds a {files.manifest['task']!r} model, not {TASK!r}")
+        torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+        return cls(build_net(files), files.manifest, device=device, precision=precision)
+
+    @property
+    def version(self) -> str:
+        return f"{self.manifest['name']}@{self.manifest['version']}"
+
+    def thresholds(self) -> dict[LesionType, float]:
+        """Per-type probability thresholds chosen at training time (0.5 when absent)."""
+        chosen = self.manifest.get("thresholds", {})
+        return {t: float(chosen.get(SHORT_NAMES[t], 0.5)) for t in TYPES}
+
+    def probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
+        """1 x 3 x h x w standardised input -> 4 x h x w float32 probabilities, tiled."""
+        _, _, height, width = inputs.shape
+        multiple = self.net.multiple
+        out = torch.zeros(len(TYPES), height, width)
+        for ys, ye, ks_y, ke_y in tiles(height, TILE, MARGIN):
+            for xs, xe, ks_x, ke_x in tiles(width, TILE, MARGIN):
+                window = inputs[:, :, ys:ye, xs:xe]
+                pad_y = -window.shape[2] % multiple
+                pad_x = -window.shape[3] % multiple
+                window = torch.nn.functional.pad(window, (0, pad_x, 0, pad_y))
+                probs = torch.sigmoid(self._logits(window))[0]
+                out[:, ks_y:ke_y, ks_x:ke_x] = probs[
+                    :, ks_y - ys : ke_y - ys, ks_x - xs : ke_x - xs
+                ]
+        return out
+
+    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
+        batch = batch.to(self.device)
+        if self.device.type == "cpu":
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16),
+        ):
+            return self.net(batch).float().cpu()
+
+    def predict(self, image: np.ndarray, fov: FovEstimate | None = None) -> LesionMaps:
+        """uint8 H x W x 3 RGB photograph (its FOV, if already known) -> lesion maps."""
+        fov = fov or detect_field_of_view(image)
+        grid = WorkGrid.around(fov, image.shape[1], image.shape[0])
+        inside = grid.fov_mask()
+        inputs = torch.from_numpy(standardise(resample(image, grid), inside))[None]
+        probs = self.probabilities(inputs).numpy() * inside
+        return LesionMaps(probabilities=probs.astype(np.float32), grid=grid)
+
+
+def build_net(files: ModelFiles) -> VesselUNet:
+    """The architecture named by the manifest, with its weights (stored fp16) in fp32."""
+    architecture = files.manifest["architecture"]
+    net = VesselUNet(
+        in_channels=int(architecture["in_channels"]),
+        widths=tuple(architecture["widths"]),
+        classes=int(architecture["classes"]),
+    )
+    state = {
+        key: value.float() if value.is_floating_point() else value
+        for key, value in files.state.items()
+    }
+    net.load_state_dict(state)
+    return net

@@ -1,0 +1,465 @@
+"""Lesion service: boxes, instances, positions, the screening assessment, the model files, and
+Detect over a real gRPC process."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from protos.retinal.v1 import common_pb2, findings_pb2, lesion_pb2, lesion_pb2_grpc
+from services.analysis.engine.model_files import ModelIntegrityError, save_with_manifest
+from services.analysis.engine.nets import VesselUNet
+from services.lesion.engine.detection import detect, original_frame, to_findings
+from services.lesion.engine.detector import DEFAULT_WEIGHTS, TASK, LesionDetector, LesionMaps, tiles
+from services.lesion.engine.instances import Instance, components, extract
+from services.lesion.engine.overlays import LAYERS, mask_png, render
+from services.lesion.engine.preprocess import WorkGrid
+from shared import findings, pixels
+from shared.assessment import CDR_HIGH, CDR_SUSPECT, assess
+from shared.convert import to_proto
+from shared.findings import LesionType, Quadrant
+from shared.healthcheck import grpc_serving
+from shared.lesion_positions import box_to_norm, box_to_px, position_lesions
+from shared.synthetic import LesionSpec, SyntheticFundusSpec, generate_fundus
+from tests.conftest import ServiceProcess, free_port, wait_until
+
+MA, HE, EX, SE = (
+    LesionType.MICROANEURYSM,
+    LesionType.HAEMORRHAGE,
+    LesionType.HARD_EXUDATE,
+    LesionType.SOFT_EXUDATE,
+)
+
+
+# --- boxes -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [(512, 512), (4288, 2848), (9999, 7000), (37, 91)])
+def test_pixel_boxes_round_trip_through_normalized_boxes(size: tuple[int, int]) -> None:
+    rng = np.random.default_rng(sum(size))
+    width, height = size
+    for _ in range(500):
+        x0, x1 = sorted(rng.integers(0, width + 1, 2))
+        y0, y1 = sorted(rng.integers(0, height + 1, 2))
+        box = (int(x0), int(y0), int(x1), int(y1))
+        norm = box_to_norm(box, size)
+        assert all(round(v, 4) == v for v in (norm.x_min, norm.y_min, norm.x_max, norm.y_max))
+        assert box_to_px(norm, size) == box
+
+
+def test_normalized_boxes_are_clipped_and_follow_the_convention() -> None:
+    box = box_to_norm((-5, 10, 520, 256), (512, 512))
+    assert (box.x_min, box.y_min, box.x_max, box.y_max) == (0.0, 0.0195, 1.0, 0.5)
+
+
+# --- instances ---------------------------------------------------------------------------
+
+
+def _blob(plane: np.ndarray, x: int, y: int, radius: int, value: float) -> None:
+    yy, xx = np.mgrid[: plane.shape[0], : plane.shape[1]]
+    plane[(xx - x) ** 2 + (yy - y) ** 2 <= radius**2] = value
+
+
+def test_components_merge_close_blobs_and_keep_distant_ones_apart() -> None:
+    plane = np.zeros((200, 200), np.float32)
+    _blob(plane, 50, 50, 5, 0.9)
+    _blob(plane, 63, 50, 5, 0.7)  # 2 background px from the first: merged
+    _blob(plane, 150, 150, 3, 0.6)  # far away: its own lesion
+    found = sorted(components(plane, HE, 0.5, gap=4), key=lambda i: i.box)
+    assert [i.box for i in found] == [(45, 45, 69, 56), (147, 147, 154, 154)]
+    assert found[0].confidence == pytest.approx(0.9)
+    disk = np.zeros((20, 20), np.float32)
+    _blob(disk, 10, 10, 5, 1.0)
+    assert found[0].area_px == 2 * disk.sum()
+    assert len(components(plane, HE, 0.5, gap=1)) == 3
+
+
+def test_extract_caps_per_type_keeps_the_most_confident_and_counts_all() -> None:
+    probs = np.zeros((4, 300, 300), np.float32)
+    for k in range(6):
+        _blob(probs[2], 20 + 45 * k, 100, 4, 0.5 + 0.08 * k)
+    grid = WorkGrid(x0=100, y0=50, x1=700, y1=650, scale=0.5, fov_x=150, fov_y=150, fov_radius=150)
+    maps = LesionMaps(probabilities=probs, grid=grid)
+    kept, totals = extract(maps, dict.fromkeys(LesionType, 0.45), max_per_type=4)
+    assert [i.type for i in kept] == [EX] * 4
+    assert [round(i.confidence, 2) for i in kept] == [0.9, 0.82, 0.74, 0.66]
+    count, area = totals[EX]
+    assert count == 6 and area == pytest.approx(6 * (probs[2, 90:110, 10:30] > 0).sum() * 4)
+    brightest = kept[0]  # blob at (245, 100) on the grid -> input x 100 + 245 * 2
+    assert brightest.box == (100 + 241 * 2, 50 + 96 * 2, 100 + 250 * 2, 50 + 105 * 2)
+
+
+@pytest.mark.parametrize("length", [1, 100, 1024, 1025, 1500, 1793, 5000])
+def test_tiles_keep_every_pixel_away_from_window_borders(length: int) -> None:
+    covered = np.zeros(length, int)
+    windows = list(tiles(length, 1024, 32))
+    for start, end, keep_start, keep_end in windows:
+        assert 0 <= start <= keep_start < keep_end <= end <= length
+        assert end - start <= 1024
+        assert keep_start == 0 or keep_start - start >= 32
+        assert keep_end == length or end - keep_end >= 32
+        covered[keep_start:keep_end] = 1
+    assert covered.all()
+    assert sum(end - start for start, end, _, _ in windows) <= 1.1 * length + 64 * len(windows)
+
+
+# --- positions on a synthetic fundus -----------------------------------------------------
+
+# (type, offset from the fovea in disc diameters as (temporal, inferior), quadrant)
+PLACED = [
+    (HE, (1.5, -1.0), Quadrant.SUPERO_TEMPORAL),
+    (EX, (-0.5, 0.4), Quadrant.INFERO_NASAL),
+    (MA, (1.0, 1.5), Quadrant.INFERO_TEMPORAL),
+    (SE, (-1.2, -1.2), Quadrant.SUPERO_NASAL),
+]
+
+
+def _fundus_with_lesions(laterality: findings.Laterality):
+    base = generate_fundus(SyntheticFundusSpec(laterality=laterality))
+    dd = base.disc_diameter_px
+    fx, fy = base.fovea_center
+    temporal = -1 if base.disc_center[0] > fx else 1  # the side away from the disc
+    specs = tuple(
+        LesionSpec(type=t, center=(fx + temporal * dx * dd, fy + dy * dd), radius=8)
+        for t, (dx, dy), _ in PLACED
+    )
+    return generate_fundus(SyntheticFundusSpec(laterality=laterality, lesions=specs))
+
+
+def _expected_distance(box: tuple[int, int, int, int], point: tuple[float, float]) -> float:
+    x0, y0, x1, y1 = box
+    dx = max(x0 - point[0], 0.0, point[0] - x1)
+    dy = max(y0 - point[1], 0.0, point[1] - y1)
+    return float(np.hypot(dx, dy))
+
+
+@pytest.mark.parametrize("laterality", [findings.Laterality.RIGHT, findings.Laterality.LEFT])
+def test_positions_of_lesions_at_known_places(laterality: findings.Laterality) -> None:
+    fundus = _fundus_with_lesions(laterality)
+    size = (fundus.spec.size, fundus.spec.size)
+    anatomy = findings.Findings(
+        image=findings.ImageInfo(width=size[0], height=size[1], laterality=laterality),
+        disc=findings.Disc(
+            center=findings.Point(x=fundus.disc_center[0], y=fundus.disc_center[1]),
+            disc_diameter_px=fundus.disc_diameter_px,
+        ),
+        fovea=findings.Fovea(
+            center=findings.Point(x=fundus.fovea_center[0], y=fundus.fovea_center[1])
+        ),
+    )
+    lesions = [
+        findings.Lesion(
+            type=les.type,
+            box=findings.Box(
+                **dict(zip(("x_min", "y_min", "x_max", "y_max"), les.box_norm, strict=True))
+            ),
+        )
+        for les in fundus.lesions
+    ]
+    placed = position_lesions(lesions, anatomy, size)
+    dd = fundus.disc_diameter_px
+    for lesion, truth, (*_, quadrant) in zip(placed, fundus.lesions, PLACED, strict=True):
+        position = lesion.position
+        assert position.quadrant == quadrant
+        to_fovea = _expected_distance(truth.box_px, fundus.fovea_center) / dd
+        to_disc = _expected_distance(truth.box_px, fundus.disc_center) / dd
+        assert position.distance_to_fovea_dd == pytest.approx(to_fovea, abs=0.01)
+        assert position.distance_to_disc_dd == pytest.approx(to_disc, abs=0.01)
+        assert position.in_macula == (to_fovea <= 1.0)
+    assert [p.position.in_macula for p in placed] == [False, True, False, False]
+    # Laterality alone (no disc, no fovea: quadrants around the FOV centre) still names sides.
+    bare = findings.Findings(image=anatomy.image)
+    lone = position_lesions(lesions, bare, size)
+    assert all(p.position.distance_to_fovea_dd is None for p in lone)
+    assert all(p.position.quadrant is not None for p in lone)
+
+
+def test_positions_stay_absent_without_anatomy() -> None:
+    lesion = findings.Lesion(type=EX, box=findings.Box(x_min=0.1, y_min=0.1, x_max=0.2, y_max=0.2))
+    (placed,) = position_lesions([lesion], findings.Findings(), (1000, 800))
+    assert placed.position == findings.LesionPosition()
+
+
+# --- the screening assessment, table-driven from the ICDR definitions --------------------
+
+
+def _lesion(kind: LesionType, quadrant: Quadrant | None = None, fovea_dd: float | None = None):
+    return findings.Lesion(
+        type=kind,
+        box=findings.Box(x_min=0.4, y_min=0.4, x_max=0.41, y_max=0.41),
+        position=findings.LesionPosition(quadrant=quadrant, distance_to_fovea_dd=fovea_dd),
+    )
+
+
+def _findings(lesions: list[findings.Lesion], **extra) -> findings.Findings:
+    counts = [
+        findings.LesionCount(type=t, count=sum(1 for les in lesions if les.type == t))
+        for t in LesionType
+    ]
+    return findings.Findings(
+        quality=findings.Quality(grade=findings.QualityGrade.GOOD),
+        lesions=lesions,
+        lesion_counts=counts,
+        **extra,
+    )
+
+
+def _haemorrhages(per_quadrant: dict[Quadrant, int]) -> list[findings.Lesion]:
+    return [_lesion(HE, q, 3.0) for q, n in per_quadrant.items() for _ in range(n)]
+
+
+GRADE_TABLE = [
+    # ICDR 0: no abnormalities.
+    ("no lesions", [], 0, findings.Referral.NOT_REFERABLE),
+    # ICDR 1: microaneurysms only.
+    (
+        "microaneurysms only",
+        [_lesion(MA, Quadrant.SUPERO_NASAL, 2.0)] * 5,
+        1,
+        findings.Referral.NOT_REFERABLE,
+    ),
+    # ICDR 2: more than just microaneurysms.
+    (
+        "one haemorrhage",
+        [_lesion(MA), _lesion(HE, Quadrant.INFERO_NASAL, 3.0)],
+        2,
+        findings.Referral.REFERABLE,
+    ),
+    (
+        "hard exudate away from the macula",
+        [_lesion(EX, Quadrant.SUPERO_NASAL, 2.5)],
+        2,
+        findings.Referral.REFERABLE,
+    ),
+    (
+        "cotton-wool spot",
+        [_lesion(SE, Quadrant.SUPERO_TEMPORAL, 2.0)],
+        2,
+        findings.Referral.REFERABLE,
+    ),
+    (
+        "20 haemorrhages per quadrant is not > 20",
+        _haemorrhages(dict.fromkeys(Quadrant, 20)),
+        2,
+        findings.Referral.REFERABLE,
+    ),
+    (
+        "> 20 haemorrhages in only 3 quadrants",
+        _haemorrhages({**dict.fromkeys(Quadrant, 21), Quadrant.INFERO_NASAL: 5}),
+        2,
+        findings.Referral.REFERABLE,
+    ),
+    # ICDR 3: > 20 intraretinal haemorrhages in each of 4 quadrants.
+    (
+        "> 20 haemorrhages in each quadrant",
+        _haemorrhages(dict.fromkeys(Quadrant, 21)),
+        3,
+        findings.Referral.REFERABLE,
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "lesions", "grade", "referral"), GRADE_TABLE)
+def test_dr_grade_follows_icdr(case: str, lesions, grade: int, referral) -> None:
+    result = assess(_findings(lesions))
+    assert result.dr_grade == grade, case
+    assert result.referral == referral, case
+    assert any(f"ICDR {grade}" in r or f"ICDR >= {grade}" in r for r in result.reasons)
+    if grade < 3:  # what one photograph cannot show is said
+        assert any("lower bound" in c for c in result.caveats)
+
+
+EDEMA_TABLE = [
+    ("no exudates", [_lesion(MA, Quadrant.SUPERO_NASAL, 0.2)], False),
+    ("exudate at 0.8 DD from the fovea", [_lesion(EX, Quadrant.INFERO_NASAL, 0.8)], True),
+    ("exudate at exactly 1 DD", [_lesion(EX, Quadrant.INFERO_NASAL, 1.0)], True),
+    ("exudate at 1.3 DD", [_lesion(EX, Quadrant.INFERO_NASAL, 1.3)], False),
+    ("exudate, fovea unknown", [_lesion(EX, Quadrant.INFERO_NASAL, None)], None),
+]
+
+
+@pytest.mark.parametrize(("case", "lesions", "risk"), EDEMA_TABLE)
+def test_macular_edema_risk_is_exudates_within_one_disc_diameter(case, lesions, risk) -> None:
+    result = assess(_findings(lesions))
+    assert result.macular_edema_risk is risk, case
+    if risk:
+        assert result.referral == findings.Referral.REFERABLE
+
+
+@pytest.mark.parametrize(
+    ("cdr", "suspect", "word"),
+    [
+        (None, None, "not assessed"),
+        (0.45, False, "no glaucoma"),
+        (CDR_SUSPECT, True, "suspect:"),
+        (0.65, True, "suspect:"),
+        (CDR_HIGH, True, "(high)"),
+        (0.85, True, "(high)"),
+    ],
+)
+def test_glaucoma_suspicion_from_the_vertical_cdr(cdr, suspect, word) -> None:
+    result = assess(_findings([], disc=findings.Disc(cdr_vertical=cdr)))
+    assert result.glaucoma_suspect is suspect
+    assert any(word in reason for reason in result.reasons)
+
+
+def test_quality_and_missing_lesions_are_said_plainly() -> None:
+    reject = _findings([_lesion(HE, Quadrant.INFERO_NASAL, 2.0)])
+    reject.quality = findings.Quality(grade=findings.QualityGrade.REJECT, reasons=["blurred"])
+    result = assess(reject)
+    assert result.dr_grade is None and result.referral is None
+    assert any("blurred" in c and "re-take" in c for c in result.caveats)
+    usable = _findings([])
+    usable.quality = findings.Quality(grade=findings.QualityGrade.USABLE)
+    assert any("microaneurysms" in c for c in assess(usable).caveats)
+    unmeasured = assess(findings.Findings())
+    assert unmeasured.dr_grade is None and unmeasured.macular_edema_risk is None
+    assert any("not detected" in r for r in unmeasured.reasons)
+
+
+# --- model files -------------------------------------------------------------------------
+
+
+def _tiny_model(path: Path, task: str = TASK) -> dict:
+    net = VesselUNet(3, (4, 8), 4)
+    return save_with_manifest(
+        net.state_dict(),
+        path,
+        {
+            "name": "lesion-test",
+            "version": "0",
+            "task": task,
+            "architecture": {"in_channels": 3, "widths": [4, 8], "classes": 4},
+        },
+    )
+
+
+def test_the_detector_verifies_the_manifest_sha256(tmp_path: Path) -> None:
+    weights = tmp_path / "lesion.safetensors"
+    manifest = _tiny_model(weights)
+    detector = LesionDetector.load(weights, threads=1)
+    assert detector.manifest["sha256"] == manifest["sha256"]
+    result = detect(detector, np.zeros((40, 60, 3), np.uint8), findings.ImageInfo())
+    assert [c.type for c in result.counts] == list(LesionType)  # a black image is searched too
+    blob = bytearray(weights.read_bytes())
+    blob[-1] ^= 0xFF
+    weights.write_bytes(bytes(blob))
+    with pytest.raises(ModelIntegrityError, match="checksum mismatch"):
+        LesionDetector.load(weights)
+    _tiny_model(weights, task="vessel-segmentation")
+    with pytest.raises(ValueError, match="not 'lesion-segmentation'"):
+        LesionDetector.load(weights)
+
+
+def test_the_committed_manifest_matches_its_weights() -> None:
+    manifest = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())
+    assert manifest["task"] == TASK
+    assert set(manifest["thresholds"]) == {"ma", "he", "ex", "se"}
+    LesionDetector.load(DEFAULT_WEIGHTS, threads=1)  # raises on a mismatch
+
+
+# --- Detect over real gRPC ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lesion_address(tmp_path_factory: pytest.TempPathFactory):
+    port = free_port()
+    env = {**os.environ, "RETINAL_LESION_PORT": str(port)}
+    service = ServiceProcess("lesion", env, tmp_path_factory.mktemp("lesion") / "lesion.log")
+    service.start()
+    try:
+        wait_until(lambda: grpc_serving(f"127.0.0.1:{port}"), 30, "lesion SERVING")
+        yield f"127.0.0.1:{port}"
+    finally:
+        service.stop()
+
+
+def _request(fundus, masks: list[str], overlays: tuple[str, ...] = ()) -> lesion_pb2.DetectRequest:
+    size = fundus.spec.size
+    info = findings.ImageInfo(width=size, height=size, laterality=fundus.laterality)
+    anatomy = findings.Findings(
+        disc=findings.Disc(
+            center=findings.Point(x=fundus.disc_center[0], y=fundus.disc_center[1]),
+            disc_diameter_px=fundus.disc_diameter_px,
+            cdr_vertical=0.72,
+        ),
+        fovea=findings.Fovea(
+            center=findings.Point(x=fundus.fovea_center[0], y=fundus.fovea_center[1])
+        ),
+    )
+    return lesion_pb2.DetectRequest(
+        image=pixels.to_message(fundus.rgb, info),
+        anatomy=to_proto(anatomy, findings_pb2.Findings),
+        masks=masks,
+        overlays=overlays,
+    )
+
+
+def test_detect_over_grpc_returns_lesions_masks_and_assessment(lesion_address: str) -> None:
+    fundus = _fundus_with_lesions(findings.Laterality.RIGHT)
+    with grpc.insecure_channel(lesion_address) as channel:
+        stub = lesion_pb2_grpc.LesionServiceStub(channel)
+        reply = stub.Detect(_request(fundus, ["ex", "he"], ("lesions", "se")), timeout=60)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Detect(_request(fundus, ["vessels"]), timeout=60)
+        with pytest.raises(grpc.RpcError) as overlay_error:
+            stub.Detect(_request(fundus, [], ("vessels",)), timeout=60)
+        (card,) = stub.ListModels(common_pb2.ListModelsRequest(), timeout=10).models
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert overlay_error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown overlay layers" in overlay_error.value.details()
+    assert [o.layer for o in reply.overlays] == ["lesions", "se"]
+    for overlay in reply.overlays:
+        assert Image.open(io.BytesIO(overlay.png)).size == fundus.rgb.shape[1::-1]
+    manifest = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())
+    assert (card.name, card.sha256, card.task) == (manifest["name"], manifest["sha256"], TASK)
+    assert [m.sha256 for m in reply.models] == [manifest["sha256"]]
+    assert [c.type for c in reply.counts] == [1, 2, 3, 4]
+    assert len(reply.masks) == 2
+    for mask in reply.masks:
+        plane = np.asarray(Image.open(io.BytesIO(mask.png)))
+        assert plane.shape == fundus.rgb.shape[:2]
+        assert set(np.unique(plane)) <= {0, 255}
+    assert reply.assessment.glaucoma_suspect  # CDR 0.72 in the anatomy
+    assert "lesion_maps" in reply.timings_ms
+    for lesion in reply.lesions:
+        box = lesion.box
+        assert 0 <= box.x_min <= box.x_max <= 1 and 0 <= box.y_min <= box.y_max <= 1
+        assert lesion.position.quadrant != findings_pb2.QUADRANT_UNSPECIFIED
+        assert lesion.position.HasField("distance_to_fovea_dd")
+
+
+def test_boxes_on_the_fov_crop_are_shifted_into_the_original_image() -> None:
+    info = findings.ImageInfo(
+        width=4000,
+        height=3000,
+        field_of_view=findings.FieldOfView(crop_x0=300, crop_y0=20, crop_x1=3700, crop_y1=2980),
+    )
+    rgb = np.zeros((2960, 3400, 3), np.uint8)
+    offset, size = original_frame(info, rgb)
+    assert (offset, size) == ((300, 20), (4000, 3000))
+    (lesion,) = to_findings([Instance(EX, (100, 200, 140, 230), 900.0, 0.8)], offset, size)
+    assert box_to_px(lesion.box, size) == (400, 220, 440, 250)
+
+
+def test_overlays_draw_each_type_and_masks_are_0_255() -> None:
+    rgb = np.full((60, 80, 3), 90, np.uint8)
+    mask = np.zeros((60, 80), bool)
+    mask[10:20, 30:40] = True
+    boxes = [Instance(HE, (30, 10, 40, 20), 100.0, 0.9)]
+    for layer in LAYERS:
+        image = Image.open(io.BytesIO(render(rgb, {HE: mask}, boxes, layer)))
+        assert image.size == (80, 60)
+        drawn = np.asarray(image)
+        assert (drawn[15, 35] != 90).any() == (layer in ("he", "lesions"))
+    plane = np.asarray(Image.open(io.BytesIO(mask_png(mask))))
+    assert plane.dtype == np.uint8 and set(np.unique(plane)) == {0, 255}
+    with pytest.raises(ValueError, match="unknown lesion layer"):
+        render(rgb, {}, [], "vessels")

@@ -1,0 +1,1 @@
+"""Training of the lesion network (MA, HE, EX, SE) on IDRiD."""

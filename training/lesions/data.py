@@ -1,0 +1,114 @@
+"""IDRiD lesion data on the lesion network's working grid (services/lesion/engine/preprocess).
+
+Two sources under ../shared/datasets:
+- IDRiD-seg: IDRiD_01..20 at full size (4288 x 2848) with one colour mask each. Colours are
+  additive where lesions overlap, so each type is read from the channel pattern rather than an
+  exact colour: MA white (R, G, B), HE red (R, not G), EX blue (B, not R+G), SE green (G, not
+  R). The optic disc (yellow: R+G, not B) is not a lesion and is dropped.
+- IDRiD-seg-512: the same 54 training images squashed to 512 x 512 with per-lesion JPEG masks
+  (thresholded at 128). Only IDRiD_21..54 are used (01..20 are the full-size images: using
+  both would leak held-out images into training). They are stretched back to 4288 x 2848 and
+  put on the same grid; they are blurry there, and their MA masks mean nothing at 512 px, so
+  MA is not trained on them (`ma_valid` False).
+Targets on the grid are area fractions (0-255) of the full-size masks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from services.lesion.engine.preprocess import (
+    WORK_FOV_DIAMETER,
+    WorkGrid,
+    resample,
+    standardise,
+)
+from shared.imaging.fov import detect_field_of_view
+
+DEFAULT_ROOT = Path(os.environ.get("RETINAL_DATASETS", "../shared/datasets"))
+FULL_IDS = tuple(f"IDRiD_{i:02d}" for i in range(1, 21))
+LOWRES_IDS = tuple(f"IDRiD_{i:02d}" for i in range(21, 55))
+FULL_SIZE = (4288, 2848)
+LOWRES_SUFFIXES = ("MA", "HE", "EX", "SE")  # channel order of the network
+FOLDS = 4
+
+
+def fold_ids(fold: int) -> tuple[str, ...]:
+    """Held-out full-size images of a fold: IDRiD_{fold+1}, +4, +8, ... (5 per fold)."""
+    return tuple(image for i, image in enumerate(FULL_IDS) if i % FOLDS == fold)
+
+
+def decode_colour_mask(rgb: np.ndarray) -> np.ndarray:
+    """H x W x 3 colour mask -> bool 4 x H x W (MA, HE, EX, SE); the optic disc is dropped."""
+    r, g, b = (rgb[..., c] > 127 for c in range(3))
+    white = r & g & b
+    return np.stack([white, r & ~g, b & ~(r & g), g & ~r])
+
+
+@dataclass(frozen=True)
+class GridImage:
+    """One training image on the working grid."""
+
+    image_id: str
+    inputs: np.ndarray  # float16 3 x h x w, standardised
+    targets: np.ndarray  # uint8 4 x h x w, lesion area fraction x 255
+    fov: np.ndarray  # bool h x w
+    ma_valid: bool  # False: the MA channel carries no usable labels
+
+
+def on_grid(rgb: np.ndarray, masks: np.ndarray, image_id: str, ma_valid: bool) -> GridImage:
+    grid = WorkGrid.around(detect_field_of_view(rgb), rgb.shape[1], rgb.shape[0])
+    fov = grid.fov_mask()
+    inputs = standardise(resample(rgb, grid), fov).astype(np.float16)
+    targets = np.stack([resample(m.astype(np.uint8) * 255, grid) for m in masks])
+    return GridImage(image_id, inputs, targets * fov, fov, ma_valid)
+
+
+def load_full(image_id: str, root: Path = DEFAULT_ROOT) -> tuple[np.ndarray, np.ndarray]:
+    """Full-size RGB and bool 4 x H x W masks of one IDRiD-seg image."""
+    folder = root / "IDRiD-seg"
+    rgb = np.asarray(Image.open(folder / "images" / f"{image_id}.jpg").convert("RGB"))
+    colours = np.asarray(Image.open(folder / "masks" / f"{image_id}.png").convert("RGB"))
+    return rgb, decode_colour_mask(colours)
+
+
+def load_lowres(image_id: str, root: Path = DEFAULT_ROOT) -> tuple[np.ndarray, np.ndarray]:
+    """An IDRiD-seg-512 image and its masks, stretched back to 4288 x 2848."""
+    folder = root / "IDRiD-seg-512" / "images" / "jpg"
+    image = Image.open(folder / f"{image_id}.jpg").convert("RGB")
+    rgb = np.asarray(image.resize(FULL_SIZE, Image.Resampling.BICUBIC))
+    planes = []
+    for suffix in LOWRES_SUFFIXES:
+        path = folder / f"{image_id}_{suffix}.jpg"
+        if path.is_file():
+            mask = Image.open(path).convert("L").resize(FULL_SIZE, Image.Resampling.BILINEAR)
+            planes.append(np.asarray(mask) > 127)
+        else:  # no lesion of that type in the image
+            planes.append(np.zeros(FULL_SIZE[::-1], dtype=bool))
+    return rgb, np.stack(planes)
+
+
+def cached(image_id: str, lowres: bool, root: Path, cache: Path) -> GridImage:
+    """The grid image, from `cache` when it was prepared before (decoding is the slow part)."""
+    path = cache / f"{'lowres' if lowres else 'full'}-{WORK_FOV_DIAMETER}-{image_id}.npz"
+    if path.is_file():
+        with np.load(path) as data:
+            return GridImage(
+                image_id, data["inputs"], data["targets"], data["fov"], bool(data["ma_valid"])
+            )
+    rgb, masks = (load_lowres if lowres else load_full)(image_id, root)
+    image = on_grid(rgb, masks, image_id, ma_valid=not lowres)
+    cache.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        path,
+        inputs=image.inputs,
+        targets=image.targets,
+        fov=image.fov,
+        ma_valid=image.ma_valid,
+    )
+    return image

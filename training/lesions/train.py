@@ -1,0 +1,352 @@
+"""Train the lesion U-Net (MA, HE, EX, SE) on IDRiD and export it with a manifest.
+
+    python -m training.lesions.train --fold 0 --steps 1500 \
+        --output var/lesions/fold0/lesion-unet.safetensors
+    python -m training.lesions.train --fold all --steps 1500   # the served model
+
+Tiles of the working grid (about half of IDRiD's full resolution, where microaneurysms survive)
+are drawn with a bias towards lesions: with probability --lesion-fraction a tile is centred on a
+random labelled pixel of a type chosen uniformly among those the image has (MA and SE are rare
+and would otherwise hardly be seen). --lowres-fraction of the tiles come from IDRiD-seg-512
+(images 21-54, no MA labels). Loss per type: BCE + soft Dice over the batch (Dice keeps the
+rare, tiny MA from being drowned by background). AdamW with warm-up and cosine decay; the decay
+follows the larger of step/--steps and elapsed/--time-limit-min, so a run cut by its time limit
+still ends at a low learning rate. --fold k holds out data.fold_ids(k) (cross-validation by
+image; the bench evaluates them); --fold all trains on all 20 full-size images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from services.analysis.engine.model_files import save_with_manifest
+from services.analysis.engine.nets import VesselUNet
+from services.lesion.engine.detector import DEFAULT_WEIGHTS, SHORT_NAMES, TASK, TYPES
+from services.lesion.engine.preprocess import WORK_FOV_DIAMETER
+from training.lesions import data
+
+VERSION = "1.0.0"
+MA = 0  # channel of microaneurysms
+_POSITIVE = 128  # target level (area fraction x 255) counted as a lesion pixel for sampling
+_MAX_SEEDS = 20_000  # sampled lesion pixels kept per image and type
+
+
+@dataclass
+class Config:
+    steps: int = 1500
+    batch: int = 8
+    tile: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup: int = 50
+    widths: tuple[int, ...] = (12, 24, 48, 96, 192)
+    lesion_fraction: float = 0.6
+    lowres_fraction: float = 0.2
+    seed: int = 0
+    bf16: bool = True
+    threads: int = 0  # 0: torch's default (one per core)
+    time_limit_min: float = 0.0  # 0: no limit
+    fold: str = "all"  # "0".."3" or "all"
+    data_root: Path = data.DEFAULT_ROOT
+    cache: Path = Path("var/lesions/cache")
+    output: Path = DEFAULT_WEIGHTS
+    checkpoints: Path = Path("var/lesions/checkpoints")  # outside the repository's tracked files
+    checkpoint_every: int = 100
+    log_every: int = 25
+    resume: bool = False
+
+
+@dataclass
+class TrainState:
+    net: VesselUNet
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    elapsed_s: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Seeds:
+    """Where tiles of one image may be centred: lesion pixels per type, and FOV pixels."""
+
+    lesion: list[np.ndarray]  # per channel, K x 2 (y, x); empty when unlabelled or absent
+    fov: np.ndarray
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    defaults = Config()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--batch", type=int, default=defaults.batch)
+    parser.add_argument("--tile", type=int, default=defaults.tile, help="tile side, px")
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--warmup", type=int, default=defaults.warmup)
+    parser.add_argument("--widths", default=",".join(map(str, defaults.widths)))
+    parser.add_argument("--lesion-fraction", type=float, default=defaults.lesion_fraction)
+    parser.add_argument("--lowres-fraction", type=float, default=defaults.lowres_fraction)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=defaults.bf16)
+    parser.add_argument("--threads", type=int, default=defaults.threads)
+    parser.add_argument("--time-limit-min", type=float, default=defaults.time_limit_min)
+    parser.add_argument("--fold", default=defaults.fold, choices=["all", "0", "1", "2", "3"])
+    parser.add_argument("--data-root", type=Path, default=defaults.data_root)
+    parser.add_argument("--cache", type=Path, default=defaults.cache)
+    parser.add_argument("--output", type=Path, default=defaults.output, help="weights file")
+    parser.add_argument("--checkpoints", type=Path, default=defaults.checkpoints)
+    parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
+    parser.add_argument("--log-every", type=int, default=defaults.log_every)
+    parser.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    args = parser.parse_args(argv)
+    return Config(**{**vars(args), "widths": tuple(int(w) for w in args.widths.split(","))})
+
+
+def training_ids(config: Config) -> tuple[list[str], list[str]]:
+    """(full-size ids, low-res ids) used for training in this fold."""
+    held_out = set() if config.fold == "all" else set(data.fold_ids(int(config.fold)))
+    full = [i for i in data.FULL_IDS if i not in held_out]
+    lowres = list(data.LOWRES_IDS) if config.lowres_fraction > 0 else []
+    return full, lowres
+
+
+def seeds_of(image: data.GridImage, rng: np.random.Generator) -> Seeds:
+    lesion = []
+    for channel in range(len(TYPES)):
+        if channel == MA and not image.ma_valid:
+            lesion.append(np.zeros((0, 2), dtype=np.int64))
+            continue
+        points = np.argwhere(image.targets[channel] >= _POSITIVE)
+        if len(points) > _MAX_SEEDS:
+            points = points[rng.choice(len(points), _MAX_SEEDS, replace=False)]
+        lesion.append(points)
+    fov = np.argwhere(image.fov[::4, ::4]) * 4
+    return Seeds(lesion, fov)
+
+
+def crop(array: np.ndarray, cy: int, cx: int, tile: int) -> np.ndarray:
+    """C x tile x tile window centred at (cy, cx), zero-padded beyond the image."""
+    channels, height, width = array.shape
+    out = np.zeros((channels, tile, tile), dtype=array.dtype)
+    y0, x0 = cy - tile // 2, cx - tile // 2
+    sy0, sx0 = max(0, y0), max(0, x0)
+    sy1, sx1 = min(height, y0 + tile), min(width, x0 + tile)
+    out[:, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = array[:, sy0:sy1, sx0:sx1]
+    return out
+
+
+def sample_tile(
+    image: data.GridImage, seeds: Seeds, config: Config, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs 3 x T x T float32, targets 4 x T x T float32 in 0-1), augmented."""
+    present = [c for c, points in enumerate(seeds.lesion) if len(points)]
+    if present and rng.random() < config.lesion_fraction:
+        points = seeds.lesion[rng.choice(present)]
+        cy, cx = points[rng.integers(len(points))]
+        jitter = rng.integers(-config.tile // 3, config.tile // 3 + 1, size=2)
+        cy, cx = cy + jitter[0], cx + jitter[1]
+    else:
+        cy, cx = seeds.fov[rng.integers(len(seeds.fov))]
+    inputs = crop(image.inputs, int(cy), int(cx), config.tile).astype(np.float32)
+    targets = crop(image.targets, int(cy), int(cx), config.tile).astype(np.float32) / 255.0
+    # Flips and quarter turns: lesions have no orientation; both eyes and any camera rotation.
+    turns = int(rng.integers(4))
+    inputs, targets = np.rot90(inputs, turns, (1, 2)), np.rot90(targets, turns, (1, 2))
+    if rng.random() < 0.5:
+        inputs, targets = inputs[:, :, ::-1], targets[:, :, ::-1]
+    # Per-channel contrast and offset jitter: exposure and white balance vary by camera.
+    gain = rng.uniform(0.85, 1.15, size=(3, 1, 1)).astype(np.float32)
+    shift = rng.uniform(-0.15, 0.15, size=(3, 1, 1)).astype(np.float32)
+    return np.ascontiguousarray(inputs * gain + shift), np.ascontiguousarray(targets)
+
+
+def sample_batch(
+    full: list[tuple[data.GridImage, Seeds]],
+    lowres: list[tuple[data.GridImage, Seeds]],
+    config: Config,
+    rng: np.random.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inputs N x 3 x T x T, targets N x 4 x T x T, and a N x 4 loss weight (0: unlabelled)."""
+    inputs, targets, weights = [], [], []
+    for _ in range(config.batch):
+        pool = lowres if lowres and rng.random() < config.lowres_fraction else full
+        image, seeds = pool[rng.integers(len(pool))]
+        x, y = sample_tile(image, seeds, config, rng)
+        inputs.append(x)
+        targets.append(y)
+        weights.append([float(image.ma_valid), 1.0, 1.0, 1.0])
+    return (
+        torch.from_numpy(np.stack(inputs)),
+        torch.from_numpy(np.stack(targets)),
+        torch.tensor(weights),
+    )
+
+
+def compute_loss(
+    logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Mean over types of BCE + (1 - soft Dice), each type only over its labelled tiles."""
+    logits = logits.float()
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean((2, 3))
+    probs = torch.sigmoid(logits)
+    w = weights[:, :, None, None]
+    intersection = (probs * targets * w).sum((0, 2, 3))
+    total = ((probs + targets) * w).sum((0, 2, 3))
+    dice = (2 * intersection + 1.0) / (total + 1.0)
+    labelled = weights.sum(0).clamp(min=1.0)
+    per_type = (bce * weights).sum(0) / labelled + (1.0 - dice)
+    return per_type[weights.sum(0) > 0].mean()
+
+
+def learning_rate(config: Config, state: TrainState) -> float:
+    if state.step < config.warmup:
+        return config.lr * (state.step + 1) / config.warmup
+    progress = state.step / config.steps
+    if config.time_limit_min > 0:
+        progress = max(progress, state.elapsed_s / (60 * config.time_limit_min))
+    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def checkpoint_path(config: Config) -> Path:
+    return config.checkpoints / f"{config.output.stem}-fold-{config.fold}.ckpt"
+
+
+def new_state(config: Config) -> TrainState:
+    net = VesselUNet(3, config.widths, len(TYPES)).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(net.parameters(), config.lr, weight_decay=config.weight_decay)
+    return TrainState(net, optimizer)
+
+
+def save_checkpoint(config: Config, state: TrainState) -> None:
+    path = checkpoint_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "net": state.net.state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "step": state.step,
+            "elapsed_s": state.elapsed_s,
+            "losses": state.losses,
+        },
+        path,
+    )
+
+
+def load_checkpoint(config: Config, state: TrainState) -> TrainState:
+    saved = torch.load(checkpoint_path(config), weights_only=False)
+    state.net.load_state_dict(saved["net"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.step, state.elapsed_s, state.losses = saved["step"], saved["elapsed_s"], saved["losses"]
+    return state
+
+
+def out_of_time(config: Config, state: TrainState) -> bool:
+    return config.time_limit_min > 0 and state.elapsed_s >= 60 * config.time_limit_min
+
+
+def train(config: Config, state: TrainState) -> TrainState:
+    rng = np.random.default_rng(config.seed + state.step)  # a resumed run draws new tiles
+    torch.manual_seed(config.seed + state.step)
+    full_ids, lowres_ids = training_ids(config)
+    full = [data.cached(i, False, config.data_root, config.cache) for i in full_ids]
+    lowres = [data.cached(i, True, config.data_root, config.cache) for i in lowres_ids]
+    full_pool = [(image, seeds_of(image, rng)) for image in full]
+    lowres_pool = [(image, seeds_of(image, rng)) for image in lowres]
+    state.net.train()
+    running: list[float] = []
+    while state.step < config.steps and not out_of_time(config, state):
+        start = time.perf_counter()
+        for group in state.optimizer.param_groups:
+            group["lr"] = learning_rate(config, state)
+        inputs, targets, weights = sample_batch(full_pool, lowres_pool, config, rng)
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            logits = state.net(inputs)
+        loss = compute_loss(logits, targets, weights)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        state.optimizer.step()
+        state.step += 1
+        state.elapsed_s += time.perf_counter() - start
+        running.append(float(loss.detach()))
+        if state.step % config.log_every == 0:
+            state.losses.append(float(np.mean(running)))
+            print(
+                f"step {state.step} loss {np.mean(running):.4f} "
+                f"lr {learning_rate(config, state):.2e} {state.elapsed_s:.0f}s",
+                flush=True,
+            )
+            running = []
+        if state.step % config.checkpoint_every == 0:
+            save_checkpoint(config, state)
+    save_checkpoint(config, state)
+    return state
+
+
+def export(config: Config, state: TrainState) -> dict:
+    """fp16 safetensors + manifest (data ids, recipe, wall time); metrics come from the bench."""
+    full_ids, lowres_ids = training_ids(config)
+    held_out = [] if config.fold == "all" else list(data.fold_ids(int(config.fold)))
+    recipe = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
+    manifest = {
+        "name": config.output.stem,
+        "version": VERSION,
+        "task": TASK,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "architecture": {
+            "type": "VesselUNet",
+            "in_channels": 3,
+            "widths": list(config.widths),
+            "classes": len(TYPES),
+            "outputs": [SHORT_NAMES[t] for t in TYPES],
+            "activation": "sigmoid per output",
+            "work_fov_diameter_px": WORK_FOV_DIAMETER,
+        },
+        "thresholds": {SHORT_NAMES[t]: 0.5 for t in TYPES},
+        "training_data": {
+            "IDRiD-seg": full_ids,
+            "IDRiD-seg-512": lowres_ids,
+            "held_out": held_out,
+            "fold": config.fold,
+        },
+        "recipe": recipe,
+        "training": {
+            "steps": state.step,
+            "wall_time_s": round(state.elapsed_s, 1),
+            "final_loss": state.losses[-1] if state.losses else None,
+            "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch "
+            f"{torch.__version__}",
+        },
+        "metrics": {},
+        "license": "weights trained on IDRiD (CC BY 4.0)",
+    }
+    state16 = {
+        k: v.half() if v.is_floating_point() else v for k, v in state.net.state_dict().items()
+    }
+    return save_with_manifest(state16, config.output, manifest)
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    state = new_state(config)
+    if config.resume and checkpoint_path(config).is_file():
+        state = load_checkpoint(config, state)
+    state = train(config, state)
+    manifest = export(config, state)
+    print(json.dumps(manifest["training"], indent=2), flush=True)
+
+
+if __name__ == "__main__":
+    main()
