@@ -214,8 +214,8 @@ def main() -> None:
         "--fold",
         action="append",
         default=[],
-        help="K=weights of fold K; none: keep the "
-        "cross-validation part of the previous results and only time the served model",
+        help="K=weights of fold K; none: keep the cross-validation part of the previous "
+        "results (and its thresholds for --update-manifest) and only time the served model",
     )
     parser.add_argument("--served", type=Path, default=DEFAULT_WEIGHTS)
     parser.add_argument("--data-root", type=Path, default=data.DEFAULT_ROOT)
@@ -226,10 +226,10 @@ def main() -> None:
     threads = args.threads or len(os.sched_getaffinity(0))
     if args.fold:
         report = cross_validation(args.fold, args.data_root, threads)
-        if args.update_manifest:  # before timing: the served thresholds shape the instances
-            update_manifest(args.served, report)
     else:
         report = json.loads(RESULTS.read_text())
+    if args.update_manifest:  # before timing: the served thresholds shape the instances
+        update_manifest(args.served, report)
     report["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     report["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     report["speed"] = timing(args.served, args.data_root, args.repeats, threads)

@@ -8,6 +8,7 @@
 - STARE held-out 10 (im0162-im0324, labels-ah, FOV by threshold): Dice and the rest.
 - Artery/vein on LES-AV test (11) and RITE test (20): accuracy and F1 on the reference's
   artery and vein pixels (crossings excluded).
+- The same without the mirror average (`single_pass`), to show what it buys and costs.
 - Time per image for the whole `predict` (FOV detection, canonical grid, network, mapping
   back): a DRIVE image and a 2000-px-wide photograph (a LES-AV test image upscaled in memory),
   median of --repeats runs after a warm-up; and the network pass alone.
@@ -86,6 +87,9 @@ def run(root: Path, weights: Path, repeats: int, threads: int | None) -> dict[st
     drive_scores = evaluate.score_vessels(segmenter, drive_test)
     fp32 = VesselSegmenter.load(weights, precision="fp32", threads=threads)
     fp32_report = evaluate.vessel_report(evaluate.score_vessels(fp32, drive_test), threshold)
+    single = VesselSegmenter.load(weights, threads=threads, mirror_average=False)
+    single_report = evaluate.vessel_report(evaluate.score_vessels(single, drive_test), threshold)
+    drive_rgb = datasets.read_rgb(drive_test[0])
     return {
         "model": segmenter.version,
         "sha256": segmenter.manifest["sha256"],
@@ -102,6 +106,14 @@ def run(root: Path, weights: Path, repeats: int, threads: int | None) -> dict[st
         "threshold": {"value": threshold, "chosen_on": "training images (DRIVE 21-40, STARE 10)"},
         "drive_test": evaluate.vessel_report(drive_scores, threshold),
         "drive_test_fp32": {key: fp32_report[key] for key in ("auc", "dice", "accuracy")},
+        "single_pass": {  # without the mirror average, for comparison
+            "drive_test": {key: single_report[key] for key in ("auc", "dice", "accuracy")},
+            "les_av_test_accuracy": evaluate.av_report(single, datasets.les_av(root, "test"))[
+                "accuracy"
+            ],
+            "rite_test_accuracy": evaluate.av_report(single, drive_test)["accuracy"],
+            "drive_565x584_predict_s": median_seconds(lambda: single.predict(drive_rgb), repeats),
+        },
         "drive_second_observer": second_observer(root),
         "stare_test": evaluate.vessel_report(
             evaluate.score_vessels(segmenter, datasets.stare(root, "test")), threshold

@@ -62,7 +62,9 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
 
 def main() -> None:
     settings = AnalysisSettings()
-    analyzer = Analyzer.load(settings.weights_dir)
+    analyzer = Analyzer.load(
+        settings.weights_dir, vessel_mirror_average=settings.vessel_mirror_average
+    )
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
 

@@ -79,11 +79,12 @@ class Analyzer:
     disc: DiscSegmenter | None
 
     @classmethod
-    def load(cls, weights_dir: Path) -> Analyzer:
+    def load(cls, weights_dir: Path, *, vessel_mirror_average: bool = True) -> Analyzer:
         return cls(
             quality=_load_optional(weights_dir / "quality.safetensors", QualityGrader.load),
             vessels=_load_optional(
-                weights_dir / "vessel-av-unet.safetensors", VesselSegmenter.load
+                weights_dir / "vessel-av-unet.safetensors",
+                lambda path: VesselSegmenter.load(path, mirror_average=vessel_mirror_average),
             ),
             disc=_load_optional(
                 weights_dir / "disc_cup.safetensors",
