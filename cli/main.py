@@ -186,3 +186,20 @@ def features(
 
 if __name__ == "__main__":
     app()
+
+
+@app.command("api-key")
+def api_key(
+    tenant: Annotated[str, typer.Argument(help="The tenant the key will belong to")],
+) -> None:
+    """Make a new API key: give the key to the tenant, the digest line to the gateway."""
+    from services.gateway.tenants import digest, load_keys, new_key
+
+    key = new_key()
+    entry = f"{tenant}:{digest(key)}"
+    try:
+        load_keys(entry, None)  # the same checks the gateway makes at start
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="TENANT") from error
+    typer.echo(f"key (shown once): {key}")
+    typer.echo(f"RETINAL_GATEWAY_API_KEYS entry: {entry}")

@@ -11,11 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import grpc
 
-from protos.retinal.v1 import analysis_pb2, analysis_pb2_grpc, lesion_pb2, lesion_pb2_grpc
+from protos.retinal.v1 import (
+    analysis_pb2,
+    analysis_pb2_grpc,
+    common_pb2,
+    lesion_pb2,
+    lesion_pb2_grpc,
+)
 from shared import findings, pixels
 from shared.assessment import assess
 from shared.convert import findings_from_proto, from_proto
@@ -54,24 +61,59 @@ async def _call(service: str, call: grpc.aio.UnaryUnaryCall) -> object:  # type:
         raise BackendError(service, error.code(), error.details() or "") from error
 
 
-async def analyze(backends: Backends, image: IngestedImage) -> findings.Findings:
-    """The findings of one ingested image."""
+# Overlay layers each service renders (the analysis service's and the lesion service's).
+ANALYSIS_OVERLAYS = ("combined", "vessels", "disc", "zones", "fovea")
+LESION_OVERLAYS = ("lesions", "ma", "he", "ex", "se")
+OVERLAY_LAYERS = (*ANALYSIS_OVERLAYS, *LESION_OVERLAYS)
+
+
+@dataclass
+class Analysis:
+    findings: findings.Findings
+    overlays: dict[str, bytes] = field(default_factory=dict)  # layer -> PNG, FOV-crop pixels
+
+
+async def model_versions(backends: Backends) -> list[str]:
+    """ "name@version:sha256" of every model the analysis and lesion services serve, sorted.
+
+    With the image's content hash this identifies a result: same image, same models, same
+    findings. A backend without models (UNIMPLEMENTED) contributes nothing.
+    """
+    replies = await asyncio.gather(
+        _call("analysis", backends.analysis.ListModels(common_pb2.ListModelsRequest(), timeout=5)),
+        _call("lesion", backends.lesion.ListModels(common_pb2.ListModelsRequest(), timeout=5)),
+    )
+    return sorted(
+        f"{card.name}@{card.version}:{card.sha256}"
+        for reply in replies
+        if isinstance(reply, common_pb2.ListModelsResponse)
+        for card in reply.models
+    )
+
+
+async def analyze(
+    backends: Backends, image: IngestedImage, overlays: Sequence[str] = ()
+) -> Analysis:
+    """The findings of one ingested image, and the overlays asked for (OVERLAY_LAYERS)."""
+    unknown = sorted(set(overlays) - set(OVERLAY_LAYERS))
+    if unknown:
+        raise ValueError(f"unknown overlay layers {unknown}; known: {', '.join(OVERLAY_LAYERS)}")
     started = time.perf_counter()
     message = pixels.to_message(image.rgb, image.info)
+    analysis_request = analysis_pb2.AnalyzeRequest(
+        image=message, overlays=[layer for layer in overlays if layer in ANALYSIS_OVERLAYS]
+    )
+    lesion_request = lesion_pb2.DetectRequest(
+        image=message, overlays=[layer for layer in overlays if layer in LESION_OVERLAYS]
+    )
     analysis_reply, lesion_reply = await asyncio.gather(
         _call(
             "analysis",
-            backends.analysis.Analyze(
-                analysis_pb2.AnalyzeRequest(image=message), timeout=backends.analysis_deadline_s
-            ),
+            backends.analysis.Analyze(analysis_request, timeout=backends.analysis_deadline_s),
         ),
-        _call(
-            "lesion",
-            backends.lesion.Detect(
-                lesion_pb2.DetectRequest(image=message), timeout=backends.lesion_deadline_s
-            ),
-        ),
+        _call("lesion", backends.lesion.Detect(lesion_request, timeout=backends.lesion_deadline_s)),
     )
+    rendered: dict[str, bytes] = {}
 
     result = findings.Findings(image=image.info)
     if isinstance(analysis_reply, grpc.aio.AioRpcError):
@@ -80,6 +122,7 @@ async def analyze(backends: Backends, image: IngestedImage) -> findings.Findings
         assert isinstance(analysis_reply, analysis_pb2.AnalyzeResponse)
         result = findings_from_proto(analysis_reply.findings)
         result.image = image.info
+        rendered.update({overlay.layer: overlay.png for overlay in analysis_reply.overlays})
         result.stages.append(findings.StageStatus(stage="analysis", state=findings.StageState.OK))
 
     if isinstance(lesion_reply, grpc.aio.AioRpcError):
@@ -87,13 +130,14 @@ async def analyze(backends: Backends, image: IngestedImage) -> findings.Findings
     else:
         assert isinstance(lesion_reply, lesion_pb2.DetectResponse)
         _merge_lesions(result, lesion_reply)
+        rendered.update({overlay.layer: overlay.png for overlay in lesion_reply.overlays})
         # The two services ran concurrently: only now are lesions and anatomy side by side.
         size = (image.info.width, image.info.height)
         result.lesions = position_lesions(result.lesions, result, size)
     result.assessment = assess(result)
 
     result.timings_ms["backends"] = elapsed_ms(started)
-    return result
+    return Analysis(result, {layer: rendered[layer] for layer in overlays if layer in rendered})
 
 
 def elapsed_ms(started: float) -> float:

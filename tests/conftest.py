@@ -91,6 +91,7 @@ class Stack:
     """The three backends and the gateway on free ports."""
 
     tmp: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
     services: dict[str, ServiceProcess] = field(default_factory=dict)
 
@@ -103,6 +104,8 @@ class Stack:
             env[f"RETINAL_WORKER_{name.upper()}_ADDR"] = self.address(name)
         env["RETINAL_GATEWAY_PORT"] = str(self.ports["gateway"])
         env["RETINAL_GATEWAY_HEALTH_DEADLINE_S"] = "1.0"
+        env["RETINAL_GATEWAY_RESULTS_URL"] = f"sqlite:///{self.tmp / 'results.db'}"
+        env.update(self.extra_env)
         self.env = env
         for name in (*BACKENDS, "gateway"):
             self.services[name] = ServiceProcess(name, env, self.tmp / f"{name}.log")

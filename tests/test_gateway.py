@@ -22,7 +22,15 @@ def _is_problem(reply: httpx.Response, status: int, code: str) -> None:
 def test_healthz_and_openapi(stack: Stack) -> None:
     assert httpx.get(f"{stack.url}/healthz").json() == {"status": "ok"}
     spec = httpx.get(f"{stack.url}/openapi.json").json()
-    assert {"/healthz", "/readyz", "/metrics", "/v1/analyses"} <= set(spec["paths"])
+    assert {
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/v1/analyses",
+        "/v1/analyses/{analysis_id}",
+        "/v1/analyses/{analysis_id}/overlays/{layer}.png",
+        "/v1/models",
+    } <= set(spec["paths"])
 
 
 def test_readyz_follows_a_backend_down_and_back(stack: Stack) -> None:

@@ -10,9 +10,12 @@ from fastapi import FastAPI
 from services.gateway.analyses.api_router import router as analyses_router
 from services.gateway.backends import BackendChannels
 from services.gateway.health.api_router import router as health_router
+from services.gateway.models.api_router import router as models_router
 from services.gateway.observability import install_middleware
 from services.gateway.problems import install_handlers
 from services.gateway.settings import GatewaySettings
+from services.gateway.store import ResultsStore
+from services.gateway.tenants import load_keys
 from shared.imaging import IngestLimits
 
 
@@ -22,8 +25,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.backends = BackendChannels(settings)
+        app.state.store = ResultsStore(settings.results_url)
         yield
         await app.state.backends.close()
+        app.state.store.close()
 
     app = FastAPI(
         title="RetinalGPT gateway",
@@ -34,8 +39,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.ingest_limits = IngestLimits(max_bytes=settings.max_upload_bytes)
+    app.state.api_keys = load_keys(settings.api_keys, settings.api_keys_file)
     install_middleware(app)
     install_handlers(app)
     app.include_router(health_router)
     app.include_router(analyses_router)
+    app.include_router(models_router)
     return app

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -12,6 +14,17 @@ from protos.retinal.v1 import analysis_pb2_grpc, language_pb2_grpc, lesion_pb2_g
 from services.gateway.settings import GatewaySettings
 from shared.grpc_server import message_size_options
 from shared.pipeline import Backends
+
+
+class _ModelLister(Protocol):
+    ListModels: Any
+
+
+_STUBS: dict[str, Callable[[grpc.aio.Channel], _ModelLister]] = {
+    "analysis": analysis_pb2_grpc.AnalysisServiceStub,
+    "lesion": lesion_pb2_grpc.LesionServiceStub,
+    "language": language_pb2_grpc.LanguageServiceStub,
+}
 
 
 @dataclass
@@ -44,6 +57,10 @@ class BackendChannels:
             analysis_deadline_s=self.settings.analysis_deadline_s,
             lesion_deadline_s=self.settings.lesion_deadline_s,
         )
+
+    def stub(self, service: str) -> _ModelLister:
+        """A stub of `service` ("analysis", "lesion" or "language") for its common calls."""
+        return _STUBS[service](self.channels[service])
 
     @property
     def language(self) -> language_pb2_grpc.LanguageServiceStub:

@@ -35,17 +35,25 @@ class ProblemDetails(BaseModel):
 
 
 class Problem(Exception):
-    def __init__(self, status: int, code: str, title: str, detail: str = "") -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        title: str,
+        detail: str = "",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(detail or title)
         self.status = status
         self.code = code
         self.title = title
         self.detail = detail
+        self.headers = headers or {}
 
 
 PROBLEM_RESPONSES: dict[int | str, dict[str, object]] = {
     status: {"model": ProblemDetails, "content": {PROBLEM_MEDIA_TYPE: {}}}
-    for status in (400, 413, 415, 422, 503, 504)
+    for status in (400, 401, 404, 413, 415, 422, 503, 504)
 }
 
 # Ingestion refusals whose HTTP status is not the default 422.
@@ -68,7 +76,8 @@ def problem_response(request: Request, problem: Problem) -> JSONResponse:
         code=problem.code,
         instance=request.url.path,
     )
-    headers = {"Retry-After": "5"} if problem.status == 503 else None
+    headers = {"Retry-After": "5"} if problem.status == 503 else {}
+    headers.update(problem.headers)
     return JSONResponse(
         body.model_dump(exclude_none=True),
         status_code=problem.status,

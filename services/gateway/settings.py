@@ -1,5 +1,7 @@
 """Settings of the gateway (environment variables prefixed RETINAL_GATEWAY_)."""
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -22,6 +24,11 @@ class GatewaySettings(BaseSettings):
     max_upload_mb: int = Field(default=50, ge=1)
     max_message_mb: int = Field(default=64, ge=1)
     log_level: str = "INFO"
+    # Where analyses are kept: a SQLite file, or postgresql+psycopg://user@host/db.
+    results_url: str = "sqlite:///var/gateway/results.db"
+    # Tenants' API keys as SHA-256 digests (see services/gateway/tenants.py); none: open.
+    api_keys: str = ""
+    api_keys_file: Path | None = None
 
     @property
     def max_upload_bytes(self) -> int:

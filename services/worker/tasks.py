@@ -41,8 +41,8 @@ async def _analyze_file(path: Path, pixel_size_um: float | None) -> dict[str, An
             analysis_deadline_s=settings.analysis_deadline_s,
             lesion_deadline_s=settings.lesion_deadline_s,
         )
-        findings = await pipeline.analyze(backends, image)
-    return findings.model_dump(mode="json", exclude_none=True)
+        analysis = await pipeline.analyze(backends, image)
+    return analysis.findings.model_dump(mode="json", exclude_none=True)
 
 
 @app.task(bind=True, name="retinal.analyze_image", max_retries=settings.max_retries)

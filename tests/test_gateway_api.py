@@ -1,0 +1,150 @@
+"""The gateway's stored analyses, overlays, model cards and tenants, over a running stack."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from PIL import Image
+
+from services.gateway.tenants import digest, load_keys, new_key
+from tests.conftest import Stack, fundus_png
+from tests.test_gateway import _is_problem
+
+pytestmark = pytest.mark.slow
+
+KEYS = {"clinic-a": new_key(), "clinic-b": new_key()}
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A stack whose gateway knows two tenants by their keys' digests."""
+    configured = ",".join(f"{tenant}:{digest(key)}" for tenant, key in KEYS.items())
+    running = Stack(
+        tmp_path_factory.mktemp("secured"), extra_env={"RETINAL_GATEWAY_API_KEYS": configured}
+    )
+    try:
+        running.start()
+        yield running
+    finally:
+        running.stop()
+
+
+def _auth(tenant: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[tenant]}"}
+
+
+def _analyse(stack: Stack, tenant: str, overlays: str = "lesions,vessels") -> httpx.Response:
+    return httpx.post(
+        f"{stack.url}/v1/analyses",
+        files={"file": ("eye.png", fundus_png())},
+        data={"overlays": overlays},
+        headers=_auth(tenant),
+        timeout=60,
+    )
+
+
+def test_requests_without_a_valid_key_are_refused(secured: Stack) -> None:
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic eDp5"}):
+        reply = httpx.post(
+            f"{secured.url}/v1/analyses",
+            files={"file": ("eye.png", fundus_png())},
+            headers=headers,
+            timeout=30,
+        )
+        _is_problem(reply, 401, "unauthorized")
+        assert reply.headers["WWW-Authenticate"].startswith("Bearer")
+    assert (
+        "not known"
+        in httpx.get(
+            f"{secured.url}/v1/analyses/x", headers={"Authorization": "Bearer nope"}
+        ).json()["detail"]
+    )
+    # The keys themselves never reach the log.
+    assert all(key not in secured.services["gateway"].log for key in KEYS.values())
+
+
+def test_an_analysis_is_stored_and_only_its_tenant_sees_it(secured: Stack) -> None:
+    created = _analyse(secured, "clinic-a")
+    assert created.status_code == 200, created.text
+    body = created.json()
+    assert body["cached"] is False
+    assert set(body["overlays"]) == {"lesions", "vessels"}
+
+    fetched = httpx.get(f"{secured.url}/v1/analyses/{body['id']}", headers=_auth("clinic-a"))
+    assert fetched.status_code == 200
+    assert fetched.json()["findings"] == body["findings"]
+    png = httpx.get(f"{secured.url}{body['overlays']['lesions']}", headers=_auth("clinic-a"))
+    assert png.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(png.content)).format == "PNG"
+
+    for path in (f"/v1/analyses/{body['id']}", body["overlays"]["lesions"]):
+        _is_problem(httpx.get(f"{secured.url}{path}", headers=_auth("clinic-b")), 404, "not-found")
+    missing = httpx.get(
+        f"{secured.url}/v1/analyses/{body['id']}/overlays/disc.png", headers=_auth("clinic-a")
+    )
+    _is_problem(missing, 404, "not-found")
+
+
+def test_the_same_image_and_models_return_the_stored_result(secured: Stack) -> None:
+    first = _analyse(secured, "clinic-a", "lesions").json()
+    again = _analyse(secured, "clinic-a", "lesions").json()
+    assert (again["id"], again["cached"]) == (first["id"], True)
+    assert again["findings"] == first["findings"]
+    other_options = _analyse(secured, "clinic-a", "ma").json()
+    assert other_options["id"] != first["id"]
+    # Another tenant sending the same image gets its own analysis, not clinic-a's.
+    theirs = _analyse(secured, "clinic-b", "lesions").json()
+    assert theirs["id"] != first["id"] and theirs["cached"] is False
+
+
+def test_unknown_overlay_layers_are_a_422(secured: Stack) -> None:
+    reply = _analyse(secured, "clinic-a", "lesions,arteries")
+    _is_problem(reply, 422, "validation-error")
+    assert "arteries" in reply.json()["detail"]
+
+
+def test_model_cards_of_every_served_model(secured: Stack) -> None:
+    reply = httpx.get(f"{secured.url}/v1/models", headers=_auth("clinic-b"), timeout=10)
+    assert reply.status_code == 200, reply.text
+    cards = {card["name"]: card for card in reply.json()["models"]}
+    assert {"quality", "vessel-av-unet", "disc_cup", "lesion-unet"} <= set(cards)
+    assert cards["lesion-unet"]["service"] == "lesion"
+    assert all(len(card["sha256"]) == 64 for card in cards.values())
+
+
+@pytest.mark.parametrize(
+    ("configured", "message"),
+    [
+        ("clinic-a:abc", "SHA-256 hex digest"),
+        (f"bad tenant!:{'0' * 64}", "bad tenant name"),
+        (f"a:{'0' * 64},b:{'0' * 64}", "two tenants"),
+    ],
+)
+def test_bad_key_configuration_stops_the_gateway_at_start(configured: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_keys(configured, None)
+
+
+def test_retinal_api_key_prints_a_key_and_its_digest_entry() -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    run = CliRunner().invoke(app, ["api-key", "clinic-c"])
+    assert run.exit_code == 0, run.output
+    lines = dict(line.split(": ", 1) for line in run.output.strip().splitlines())
+    key, entry = lines["key (shown once)"], lines["RETINAL_GATEWAY_API_KEYS entry"]
+    assert load_keys(entry, None) == {digest(key): "clinic-c"}
+    assert CliRunner().invoke(app, ["api-key", "no spaces"]).exit_code != 0
+
+
+def test_the_gateway_knows_the_overlay_layers_each_service_renders() -> None:
+    from services.analysis.engine.overlays import LAYERS as ANALYSIS_LAYERS
+    from services.lesion.engine.overlays import LAYERS as LESION_LAYERS
+    from shared.pipeline import ANALYSIS_OVERLAYS, LESION_OVERLAYS
+
+    assert set(ANALYSIS_OVERLAYS) == set(ANALYSIS_LAYERS)
+    assert set(LESION_OVERLAYS) == set(LESION_LAYERS)

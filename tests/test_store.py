@@ -1,0 +1,82 @@
+"""The results store on SQLite and on PostgreSQL (127.0.0.1:5432; skipped when absent)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
+
+from services.gateway.store import ResultsStore
+from shared import findings
+
+POSTGRES_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'results.db'}"
+        return
+    admin = create_engine(POSTGRES_ADMIN, isolation_level="AUTOCOMMIT")
+    name = f"retinal_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f"CREATE DATABASE {name}"))
+    except OperationalError as error:
+        admin.dispose()
+        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {error.orig}")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+
+
+def _findings(sha: str = "ab" * 32) -> findings.Findings:
+    return findings.Findings(
+        image=findings.ImageInfo(width=640, height=480, content_sha256=sha),
+        quality=findings.Quality(grade=findings.QualityGrade.GOOD, reasons=["sharp"]),
+    )
+
+
+def test_an_analysis_is_stored_durably_with_its_overlays(store_url: str) -> None:
+    store = ResultsStore(store_url)
+    saved = store.save_analysis("clinic-a", "k1", _findings(), {"vessels": b"\x89PNG v"})
+    store.close()
+    reopened = ResultsStore(store_url)  # a new process would see the same
+    loaded = reopened.get_analysis("clinic-a", saved.id)
+    assert loaded is not None
+    assert loaded.findings == _findings()
+    assert loaded.overlay_layers == ("vessels",)
+    assert loaded.created_at == saved.created_at
+    assert reopened.get_overlay("clinic-a", saved.id, "vessels") == b"\x89PNG v"
+    assert reopened.get_overlay("clinic-a", saved.id, "disc") is None
+    reopened.close()
+
+
+def test_another_tenant_finds_nothing(store_url: str) -> None:
+    store = ResultsStore(store_url)
+    saved = store.save_analysis("clinic-a", "k1", _findings(), {"vessels": b"png"})
+    assert store.get_analysis("clinic-b", saved.id) is None
+    assert store.get_overlay("clinic-b", saved.id, "vessels") is None
+    assert store.find_cached("clinic-b", "k1") is None
+    # The same image and models for another tenant is that tenant's own result.
+    other = store.save_analysis("clinic-b", "k1", _findings(), {})
+    assert other.id != saved.id
+    store.close()
+
+
+def test_one_result_per_tenant_and_cache_key(store_url: str) -> None:
+    store = ResultsStore(store_url)
+    first = store.save_analysis("clinic-a", "same", _findings("01" * 32), {})
+    second = store.save_analysis("clinic-a", "same", _findings("02" * 32), {"disc": b"x"})
+    assert second.id == first.id
+    assert store.find_cached("clinic-a", "same").findings.image.content_sha256 == "01" * 32
+    assert store.get_overlay("clinic-a", first.id, "disc") is None
+    assert store.get_analysis("clinic-a", "no-such-id") is None
+    store.close()
