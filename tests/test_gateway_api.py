@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -148,3 +149,26 @@ def test_the_gateway_knows_the_overlay_layers_each_service_renders() -> None:
 
     assert set(ANALYSIS_OVERLAYS) == set(ANALYSIS_LAYERS)
     assert set(LESION_OVERLAYS) == set(LESION_LAYERS)
+
+
+def test_each_tenant_has_its_own_rate_limit(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from services.gateway.app import create_app
+    from services.gateway.settings import GatewaySettings
+
+    settings = GatewaySettings(
+        results_url=f"sqlite:///{tmp_path / 'results.db'}",
+        api_keys=",".join(f"{tenant}:{digest(key)}" for tenant, key in KEYS.items()),
+        rate_limit_requests="3/minute",
+    )
+    with TestClient(create_app(settings)) as client:
+        codes = [
+            client.get("/v1/analyses/nope", headers=_auth("clinic-a")).status_code for _ in range(4)
+        ]
+        assert codes == [404, 404, 404, 429]
+        limited = client.get("/v1/analyses/nope", headers=_auth("clinic-a"))
+        _is_problem(limited, 429, "rate-limited")
+        assert 1 <= int(limited.headers["Retry-After"]) <= 60
+        # Another tenant's budget is untouched.
+        assert client.get("/v1/analyses/nope", headers=_auth("clinic-b")).status_code == 404

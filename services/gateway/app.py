@@ -13,6 +13,7 @@ from services.gateway.health.api_router import router as health_router
 from services.gateway.models.api_router import router as models_router
 from services.gateway.observability import install_middleware
 from services.gateway.problems import install_handlers
+from services.gateway.rate_limits import RateLimits
 from services.gateway.settings import GatewaySettings
 from services.gateway.store import ResultsStore
 from services.gateway.tenants import load_keys
@@ -40,6 +41,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.ingest_limits = IngestLimits(max_bytes=settings.max_upload_bytes)
     app.state.api_keys = load_keys(settings.api_keys, settings.api_keys_file)
+    app.state.rate_limits = RateLimits(
+        settings.rate_limit_storage, settings.rate_limit_analyses, settings.rate_limit_requests
+    )
     install_middleware(app)
     install_handlers(app)
     app.include_router(health_router)

@@ -53,7 +53,7 @@ class Problem(Exception):
 
 PROBLEM_RESPONSES: dict[int | str, dict[str, object]] = {
     status: {"model": ProblemDetails, "content": {PROBLEM_MEDIA_TYPE: {}}}
-    for status in (400, 401, 404, 413, 415, 422, 503, 504)
+    for status in (400, 401, 404, 413, 415, 422, 429, 503, 504)
 }
 
 # Ingestion refusals whose HTTP status is not the default 422.

@@ -29,6 +29,10 @@ class GatewaySettings(BaseSettings):
     # Tenants' API keys as SHA-256 digests (see services/gateway/tenants.py); none: open.
     api_keys: str = ""
     api_keys_file: Path | None = None
+    # Per-tenant rate limits ("N/second|minute|hour"); counters in memory or in Redis.
+    rate_limit_analyses: str = "120/minute"
+    rate_limit_requests: str = "1200/minute"
+    rate_limit_storage: str = "memory://"
 
     @property
     def max_upload_bytes(self) -> int:

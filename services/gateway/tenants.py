@@ -89,6 +89,3 @@ async def current_tenant(
     if tenant is None:
         raise _unauthorized("the API key is not known")
     return tenant
-
-
-Tenant = Annotated[str, Depends(current_tenant)]

@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from services.gateway.analyses.protocol import AnalysisResponse
 from services.gateway.analyses.serving import analyze_upload, response
 from services.gateway.problems import PROBLEM_RESPONSES, Problem
-from services.gateway.tenants import Tenant
+from services.gateway.rate_limits import AnalysisTenant, RequestTenant
 from shared.pipeline import OVERLAY_LAYERS
 
 router = APIRouter(prefix="/v1", tags=["analyses"])
@@ -40,7 +40,7 @@ def not_found(analysis_id: str) -> Problem:
 @router.post("/analyses", response_model=AnalysisResponse, responses=PROBLEM_RESPONSES)
 async def create_analysis(
     request: Request,
-    tenant: Tenant,
+    tenant: AnalysisTenant,
     file: Annotated[UploadFile, File(description="JPEG, PNG, TIFF, WebP, BMP or DICOM")],
     pixel_size_um: Annotated[
         float | None,
@@ -78,7 +78,7 @@ async def create_analysis(
 
 @router.get("/analyses/{analysis_id}", response_model=AnalysisResponse, responses=PROBLEM_RESPONSES)
 async def get_analysis(
-    request: Request, tenant: Tenant, analysis_id: AnalysisId
+    request: Request, tenant: RequestTenant, analysis_id: AnalysisId
 ) -> AnalysisResponse:
     """A stored analysis of this tenant."""
     stored = await asyncio.to_thread(request.app.state.store.get_analysis, tenant, analysis_id)
@@ -94,7 +94,7 @@ async def get_analysis(
 )
 async def get_overlay(
     request: Request,
-    tenant: Tenant,
+    tenant: RequestTenant,
     analysis_id: AnalysisId,
     layer: Annotated[str, Path(max_length=32, description="A layer the analysis rendered")],
 ) -> Response:

@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 from protos.retinal.v1 import common_pb2
 from services.gateway.backends import BackendChannels
 from services.gateway.problems import PROBLEM_RESPONSES
+from services.gateway.rate_limits import RequestTenant
 from shared.convert import message_to_dict
 from shared.pipeline import BackendError
 
@@ -35,7 +36,7 @@ class ModelList(BaseModel):
 
 
 @router.get("/models", response_model=ModelList, responses=PROBLEM_RESPONSES)
-async def list_models(request: Request) -> ModelList:
+async def list_models(request: Request, tenant: RequestTenant) -> ModelList:
     """Name, version, sha256, task, training data and metrics of each loaded model."""
     backends: BackendChannels = request.app.state.backends
     deadline = backends.settings.health_deadline_s
