@@ -27,7 +27,7 @@ from scipy import ndimage
 
 from services.analysis.engine.model_files import ModelFiles, load_verified
 from services.analysis.engine.nets import VesselUNet
-from services.analysis.engine.vessels import cpu_has_bf16
+from services.analysis.engine.runtime import cpu_has_bf16
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 LOCATOR_WEIGHTS = WEIGHTS_DIR / "disc_locator.safetensors"

@@ -20,17 +20,15 @@ gained 0.0004 AUC more at twice the cost, so they are not used.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 
-from services.analysis.engine.model_files import ModelFiles, load_verified
 from services.analysis.engine.nets import ARTERY, VEIN, VESSEL, VesselUNet
 from services.analysis.engine.preprocess import from_canonical, network_input
+from services.analysis.engine.runtime import NetRunner, Precision
 from shared.imaging.fov import FovEstimate, detect_field_of_view
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
@@ -38,8 +36,6 @@ DEFAULT_WEIGHTS = WEIGHTS_DIR / "vessel-av-unet.safetensors"
 TASK = "vessel-segmentation+artery-vein"
 NO_VESSEL, ARTERY_LABEL, VEIN_LABEL = 0, 1, 2
 MIRRORS = ((), (3,), (2,), (2, 3))  # flipped dims of an N x C x H x W batch: none, x, y, both
-
-Precision = Literal["auto", "fp32", "bf16"]
 
 
 @dataclass(frozen=True)
@@ -52,21 +48,11 @@ class VesselMaps:
     threshold: float  # vessel probability threshold behind `labels`
 
 
-def cpu_has_bf16() -> bool:
-    """Native bf16 arithmetic (else bf16 autocast is emulated and slower than fp32)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-class VesselSegmenter:
+class VesselSegmenter(NetRunner):
     """A loaded vessel/AV network, ready to run on photographs."""
+
+    TASK = TASK
+    DEFAULT_WEIGHTS = DEFAULT_WEIGHTS
 
     def __init__(
         self,
@@ -76,57 +62,16 @@ class VesselSegmenter:
         precision: Precision = "auto",
         mirror_average: bool = True,
     ) -> None:
-        self.device = device or pick_device()
-        self.manifest = manifest
+        super().__init__(net, manifest, device, precision)
         self.mirror_average = mirror_average
         self.threshold = float(manifest.get("threshold", 0.5))
-        self.bf16 = precision == "bf16" or (
-            precision == "auto" and (self.device.type == "cuda" or cpu_has_bf16())
-        )
-        self.net = net.to(self.device).eval()
-        if self.device.type == "cpu":
-            self.net = self.net.to(memory_format=torch.channels_last)
-
-    @classmethod
-    def load(
-        cls,
-        weights: Path = DEFAULT_WEIGHTS,
-        *,
-        device: torch.device | None = None,
-        precision: Precision = "auto",
-        threads: int | None = None,
-        mirror_average: bool = True,
-    ) -> VesselSegmenter:
-        """Verify and load committed weights; raises ModelIntegrityError on a bad file."""
-        files = load_verified(weights)
-        if files.manifest["task"] != TASK:
-            raise ValueError(f"{weights} holds a {files.manifest['task']!r} model, not {TASK!r}")
-        torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
-        return cls(
-            build_net(files),
-            files.manifest,
-            device=device,
-            precision=precision,
-            mirror_average=mirror_average,
-        )
-
-    @property
-    def version(self) -> str:
-        return f"{self.manifest['name']}@{self.manifest['version']}"
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """N x 3 x S x S network input -> N x 3 x S x S float32 logits (mirror-averaged)."""
-        batch = batch.to(self.device)
         mirrors = MIRRORS if self.mirror_average else ((),)
-        batch = torch.cat([batch.flip(dims) for dims in mirrors])
-        if self.device.type == "cpu":
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        with (
-            torch.inference_mode(),
-            torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16),
-        ):
-            outputs = self.net(batch).float().chunk(len(mirrors))
-        unflipped = [out.flip(dims) for out, dims in zip(outputs, mirrors, strict=True)]
+        outputs = self.forward(torch.cat([batch.flip(dims) for dims in mirrors]))
+        chunks = outputs.chunk(len(mirrors))
+        unflipped = [out.flip(dims) for out, dims in zip(chunks, mirrors, strict=True)]
         return torch.stack(unflipped).mean(0)
 
     def predict(self, image: np.ndarray, fov: FovEstimate | None = None) -> VesselMaps:
@@ -145,19 +90,3 @@ class VesselSegmenter:
             labels=np.where(on_vessel, labels, NO_VESSEL).astype(np.uint8),
             threshold=self.threshold,
         )
-
-
-def build_net(files: ModelFiles) -> VesselUNet:
-    """The architecture named by the manifest, with its weights (stored fp16) in fp32."""
-    architecture = files.manifest["architecture"]
-    net = VesselUNet(
-        in_channels=int(architecture["in_channels"]),
-        widths=tuple(architecture["widths"]),
-        classes=int(architecture["classes"]),
-    )
-    state = {
-        key: value.float() if value.is_floating_point() else value
-        for key, value in files.state.items()
-    }
-    net.load_state_dict(state)
-    return net

@@ -10,7 +10,6 @@ as the vessel network does.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from services.analysis.engine.model_files import ModelFiles, load_verified
-from services.analysis.engine.nets import VesselUNet
-from services.analysis.engine.vessels import Precision, cpu_has_bf16, pick_device
+from services.analysis.engine.runtime import NetRunner
 from services.lesion.engine.preprocess import WorkGrid, resample, standardise
 from shared.findings import LesionType
 from shared.imaging.fov import FovEstimate, detect_field_of_view
@@ -72,44 +69,11 @@ def tiles(length: int, tile: int, margin: int) -> Iterator[tuple[int, int, int, 
         yield start, start + size, keep_start, keep_end
 
 
-class LesionDetector:
+class LesionDetector(NetRunner):
     """A loaded lesion network, ready to run on photographs."""
 
-    def __init__(
-        self,
-        net: VesselUNet,
-        manifest: dict,
-        device: torch.device | None = None,
-        precision: Precision = "auto",
-    ) -> None:
-        self.device = device or pick_device()
-        self.manifest = manifest
-        self.bf16 = precision == "bf16" or (
-            precision == "auto" and (self.device.type == "cuda" or cpu_has_bf16())
-        )
-        self.net = net.to(self.device).eval()
-        if self.device.type == "cpu":
-            self.net = self.net.to(memory_format=torch.channels_last)
-
-    @classmethod
-    def load(
-        cls,
-        weights: Path = DEFAULT_WEIGHTS,
-        *,
-        device: torch.device | None = None,
-        precision: Precision = "auto",
-        threads: int | None = None,
-    ) -> LesionDetector:
-        """Verify and load committed weights; raises ModelIntegrityError on a bad file."""
-        files = load_verified(weights)
-        if files.manifest["task"] != TASK:
-            raise ValueError(f"{weights} holds a {files.manifest['task']!r} model, not {TASK!r}")
-        torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
-        return cls(build_net(files), files.manifest, device=device, precision=precision)
-
-    @property
-    def version(self) -> str:
-        return f"{self.manifest['name']}@{self.manifest['version']}"
+    TASK = TASK
+    DEFAULT_WEIGHTS = DEFAULT_WEIGHTS
 
     def thresholds(self) -> dict[LesionType, float]:
         """Per-type probability thresholds chosen at training time (0.5 when absent)."""
@@ -127,21 +91,11 @@ class LesionDetector:
                 pad_y = -window.shape[2] % multiple
                 pad_x = -window.shape[3] % multiple
                 window = torch.nn.functional.pad(window, (0, pad_x, 0, pad_y))
-                probs = torch.sigmoid(self._logits(window))[0]
+                probs = torch.sigmoid(self.forward(window))[0]
                 out[:, ks_y:ke_y, ks_x:ke_x] = probs[
                     :, ks_y - ys : ke_y - ys, ks_x - xs : ke_x - xs
                 ]
         return out
-
-    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
-        batch = batch.to(self.device)
-        if self.device.type == "cpu":
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        with (
-            torch.inference_mode(),
-            torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16),
-        ):
-            return self.net(batch).float().cpu()
 
     def predict(self, image: np.ndarray, fov: FovEstimate | None = None) -> LesionMaps:
         """uint8 H x W x 3 RGB photograph (its FOV, if already known) -> lesion maps."""
@@ -151,19 +105,3 @@ class LesionDetector:
         inputs = torch.from_numpy(standardise(resample(image, grid), inside))[None]
         probs = self.probabilities(inputs).numpy() * inside
         return LesionMaps(probabilities=probs.astype(np.float32), grid=grid)
-
-
-def build_net(files: ModelFiles) -> VesselUNet:
-    """The architecture named by the manifest, with its weights (stored fp16) in fp32."""
-    architecture = files.manifest["architecture"]
-    net = VesselUNet(
-        in_channels=int(architecture["in_channels"]),
-        widths=tuple(architecture["widths"]),
-        classes=int(architecture["classes"]),
-    )
-    state = {
-        key: value.float() if value.is_floating_point() else value
-        for key, value in files.state.items()
-    }
-    net.load_state_dict(state)
-    return net

@@ -1,0 +1,106 @@
+"""A verified U-Net on its device, run in the precision the hardware does fastest.
+
+Shared by the vessel segmenter and the lesion detector (the lesion service imports it): both
+load a `VesselUNet` from committed safetensors + manifest, refuse a file whose sha256 or task
+does not match, and run under bf16 autocast with channels-last memory where the CPU has
+native bf16 (AVX512-BF16 / AMX) or on CUDA, fp32 elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import ClassVar, Literal, Self
+
+import torch
+
+from services.analysis.engine.model_files import ModelFiles, load_verified
+from services.analysis.engine.nets import VesselUNet
+
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+def cpu_has_bf16() -> bool:
+    """Native bf16 arithmetic (else bf16 autocast is emulated and slower than fp32)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build_net(files: ModelFiles) -> VesselUNet:
+    """The architecture named by the manifest, with its weights (stored fp16) in fp32."""
+    architecture = files.manifest["architecture"]
+    net = VesselUNet(
+        in_channels=int(architecture["in_channels"]),
+        widths=tuple(architecture["widths"]),
+        classes=int(architecture["classes"]),
+    )
+    state = {
+        key: value.float() if value.is_floating_point() else value
+        for key, value in files.state.items()
+    }
+    net.load_state_dict(state)
+    return net
+
+
+class NetRunner:
+    """Base of the loaded networks: device, precision, verified loading, one forward pass."""
+
+    TASK: ClassVar[str]
+    DEFAULT_WEIGHTS: ClassVar[Path]
+
+    def __init__(
+        self,
+        net: VesselUNet,
+        manifest: dict,
+        device: torch.device | None = None,
+        precision: Precision = "auto",
+    ) -> None:
+        self.device = device or pick_device()
+        self.manifest = manifest
+        self.bf16 = precision == "bf16" or (
+            precision == "auto" and (self.device.type == "cuda" or cpu_has_bf16())
+        )
+        self.net = net.to(self.device).eval()
+        if self.device.type == "cpu":
+            self.net = self.net.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def load(
+        cls,
+        weights: Path | None = None,
+        *,
+        device: torch.device | None = None,
+        precision: Precision = "auto",
+        threads: int | None = None,
+        **options: object,
+    ) -> Self:
+        """Verify and load committed weights; raises ModelIntegrityError on a bad file."""
+        weights = weights or cls.DEFAULT_WEIGHTS
+        files = load_verified(weights)
+        if files.manifest["task"] != cls.TASK:
+            task = files.manifest["task"]
+            raise ValueError(f"{weights} holds a {task!r} model, not {cls.TASK!r}")
+        torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
+        return cls(build_net(files), files.manifest, device, precision, **options)
+
+    @property
+    def version(self) -> str:
+        return f"{self.manifest['name']}@{self.manifest['version']}"
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """N x C x H x W input -> float32 logits on the CPU."""
+        batch = batch.to(self.device)
+        if self.device.type == "cpu":
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with (
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16),
+        ):
+            return self.net(batch).float().cpu()
