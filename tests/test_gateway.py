@@ -29,6 +29,7 @@ def test_healthz_and_openapi(stack: Stack) -> None:
         "/v1/analyses",
         "/v1/analyses/{analysis_id}",
         "/v1/analyses/{analysis_id}/overlays/{layer}.png",
+        "/v1/analyses/{analysis_id}/fhir",
         "/v1/models",
     } <= set(spec["paths"])
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fhir.resources.R4B.bundle import Bundle
 from PIL import Image
 
 from services.gateway.tenants import digest, load_keys, new_key
@@ -81,7 +82,16 @@ def test_an_analysis_is_stored_and_only_its_tenant_sees_it(secured: Stack) -> No
     assert png.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(png.content)).format == "PNG"
 
-    for path in (f"/v1/analyses/{body['id']}", body["overlays"]["lesions"]):
+    report = httpx.get(f"{secured.url}/v1/analyses/{body['id']}/fhir", headers=_auth("clinic-a"))
+    assert report.headers["content-type"].startswith("application/fhir+json")
+    parsed = Bundle.model_validate_json(report.content)
+    assert parsed.entry[0].resource.id == body["id"]
+
+    for path in (
+        f"/v1/analyses/{body['id']}",
+        body["overlays"]["lesions"],
+        f"/v1/analyses/{body['id']}/fhir",
+    ):
         _is_problem(httpx.get(f"{secured.url}{path}", headers=_auth("clinic-b")), 404, "not-found")
     missing = httpx.get(
         f"{secured.url}/v1/analyses/{body['id']}/overlays/disc.png", headers=_auth("clinic-a")

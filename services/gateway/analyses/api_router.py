@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Path, Request, UploadFile
 from fastapi.responses import Response
 
+from services.gateway import fhir
 from services.gateway.analyses.protocol import AnalysisResponse
 from services.gateway.analyses.serving import analyze_upload, response
 from services.gateway.problems import PROBLEM_RESPONSES, Problem
@@ -15,6 +16,8 @@ from services.gateway.rate_limits import AnalysisTenant, RequestTenant
 from shared.pipeline import OVERLAY_LAYERS
 
 router = APIRouter(prefix="/v1", tags=["analyses"])
+
+FHIR_JSON = "application/fhir+json"
 
 AnalysisId = Annotated[str, Path(max_length=64, description="The id POST /v1/analyses returned")]
 
@@ -108,3 +111,16 @@ async def get_overlay(
             f"analysis {analysis_id!r} has no overlay {layer!r}",
         )
     return Response(png, media_type="image/png")
+
+
+@router.get(
+    "/analyses/{analysis_id}/fhir",
+    response_class=Response,
+    responses={200: {"content": {FHIR_JSON: {}}}, **PROBLEM_RESPONSES},
+)
+async def get_fhir(request: Request, tenant: RequestTenant, analysis_id: AnalysisId) -> Response:
+    """The analysis as a FHIR R4 Bundle: a DiagnosticReport and its Observations."""
+    stored = await asyncio.to_thread(request.app.state.store.get_analysis, tenant, analysis_id)
+    if stored is None:
+        raise not_found(analysis_id)
+    return Response(fhir.bundle(stored).model_dump_json(exclude_none=True), media_type=FHIR_JSON)
