@@ -1,0 +1,48 @@
+"""Schemathesis (its CLI) against the live gateway's /openapi.json: no 5xx, responses that
+match the documented schema, status codes and content types."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Stack
+
+pytestmark = pytest.mark.slow
+
+CHECKS = (
+    "not_a_server_error",
+    "status_code_conformance",
+    "content_type_conformance",
+    "response_schema_conformance",
+)
+
+
+def test_the_api_keeps_its_contract(stack: Stack, tmp_path: Path) -> None:
+    schemathesis = Path(sys.executable).with_name("schemathesis")
+    run = subprocess.run(
+        [
+            str(schemathesis),
+            "run",
+            f"{stack.url}/openapi.json",
+            "--checks",
+            ",".join(CHECKS),
+            "--max-examples",
+            "30",
+            "--phases",
+            "examples,coverage,fuzzing",
+            "--seed",
+            "1",
+            "--request-timeout",
+            "60",
+            "--report-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
