@@ -182,3 +182,21 @@ def test_each_tenant_has_its_own_rate_limit(tmp_path: Path) -> None:
         assert 1 <= int(limited.headers["Retry-After"]) <= 60
         # Another tenant's budget is untouched.
         assert client.get("/v1/analyses/nope", headers=_auth("clinic-b")).status_code == 404
+
+
+def test_a_dicom_upload_is_analysed_and_no_patient_data_reaches_the_logs(secured: Stack) -> None:
+    from tests.test_ingestion import dicom, fundus
+
+    reply = httpx.post(
+        f"{secured.url}/v1/analyses",
+        files={"file": ("study.dcm", dicom(fundus(), PixelSpacing=[0.0065, 0.0065]))},
+        headers={**_auth("clinic-a"), "X-Request-ID": "dicom-1"},
+        timeout=60,
+    )
+    assert reply.status_code == 200, reply.text
+    image = reply.json()["findings"]["image"]
+    assert (image["format"], image["dicom_modality"]) == ("DICOM", "OP")
+    assert image["calibration"] == {"source": "dicom", "pixel_size_um": 6.5}
+    logs = "".join(service.log for service in secured.services.values())
+    assert "dicom-1" in logs  # the request was logged...
+    assert "Doe^Jane" not in logs and "PID-SECRET-42" not in logs  # ...without the patient
