@@ -21,6 +21,8 @@ class GrpcServiceSettings(BaseSettings):
     # Seconds given to in-flight calls after SIGTERM before the server stops hard.
     shutdown_grace_s: float = Field(default=10.0, ge=0)
     log_level: str = "INFO"
+    # Prometheus /metrics on this port (same host); 0 turns it off.
+    metrics_port: int = Field(ge=0, le=65535)
 
     @property
     def address(self) -> str:

@@ -11,9 +11,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
 
 from shared.config import GrpcServiceSettings
 from shared.logs import configure_logging
+from shared.telemetry import TelemetryInterceptor
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +32,12 @@ def message_size_options(max_bytes: int) -> list[tuple[str, int]]:
 
 async def serve(settings: GrpcServiceSettings, name: str, register: Registrar) -> None:
     """Serve until SIGTERM/SIGINT, then drain in-flight calls for `shutdown_grace_s`."""
-    server = grpc.aio.server(options=message_size_options(settings.max_message_bytes))
+    server = grpc.aio.server(
+        options=message_size_options(settings.max_message_bytes),
+        interceptors=[TelemetryInterceptor(name)],
+    )
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr=settings.host)
     service_names = list(register(server))
 
     health = health_aio.HealthServicer()
@@ -45,7 +52,14 @@ async def serve(settings: GrpcServiceSettings, name: str, register: Registrar) -
     await server.start()
     for service in ["", *service_names]:
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
-    logger.info("serving", extra={"address": settings.address, "services": service_names})
+    logger.info(
+        "serving",
+        extra={
+            "address": settings.address,
+            "services": service_names,
+            "metrics_port": settings.metrics_port,
+        },
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

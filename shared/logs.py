@@ -11,6 +11,8 @@ import sys
 
 from pythonjsonlogger.json import JsonFormatter
 
+from shared.telemetry import RequestIdFilter
+
 
 def configure_logging(service: str, level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
@@ -21,6 +23,7 @@ def configure_logging(service: str, level: str = "INFO") -> None:
             static_fields={"service": service},
         )
     )
+    handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

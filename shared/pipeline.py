@@ -28,6 +28,7 @@ from shared.assessment import assess
 from shared.convert import findings_from_proto, from_proto
 from shared.imaging import IngestedImage
 from shared.lesion_positions import position_lesions
+from shared.telemetry import outgoing_metadata
 
 
 class BackendError(Exception):
@@ -73,15 +74,26 @@ class Analysis:
     overlays: dict[str, bytes] = field(default_factory=dict)  # layer -> PNG, FOV-crop pixels
 
 
-async def model_versions(backends: Backends) -> list[str]:
+async def model_versions(backends: Backends, request_id: str | None = None) -> list[str]:
     """ "name@version:sha256" of every model the analysis and lesion services serve, sorted.
 
     With the image's content hash this identifies a result: same image, same models, same
     findings. A backend without models (UNIMPLEMENTED) contributes nothing.
     """
+    metadata = outgoing_metadata(request_id)
     replies = await asyncio.gather(
-        _call("analysis", backends.analysis.ListModels(common_pb2.ListModelsRequest(), timeout=5)),
-        _call("lesion", backends.lesion.ListModels(common_pb2.ListModelsRequest(), timeout=5)),
+        _call(
+            "analysis",
+            backends.analysis.ListModels(
+                common_pb2.ListModelsRequest(), timeout=5, metadata=metadata
+            ),
+        ),
+        _call(
+            "lesion",
+            backends.lesion.ListModels(
+                common_pb2.ListModelsRequest(), timeout=5, metadata=metadata
+            ),
+        ),
     )
     return sorted(
         f"{card.name}@{card.version}:{card.sha256}"
@@ -92,9 +104,15 @@ async def model_versions(backends: Backends) -> list[str]:
 
 
 async def analyze(
-    backends: Backends, image: IngestedImage, overlays: Sequence[str] = ()
+    backends: Backends,
+    image: IngestedImage,
+    overlays: Sequence[str] = (),
+    request_id: str | None = None,
 ) -> Analysis:
-    """The findings of one ingested image, and the overlays asked for (OVERLAY_LAYERS)."""
+    """The findings of one ingested image, and the overlays asked for (OVERLAY_LAYERS).
+
+    `request_id` travels to both services as gRPC metadata, so their logs carry it.
+    """
     unknown = sorted(set(overlays) - set(OVERLAY_LAYERS))
     if unknown:
         raise ValueError(f"unknown overlay layers {unknown}; known: {', '.join(OVERLAY_LAYERS)}")
@@ -106,12 +124,20 @@ async def analyze(
     lesion_request = lesion_pb2.DetectRequest(
         image=message, overlays=[layer for layer in overlays if layer in LESION_OVERLAYS]
     )
+    metadata = outgoing_metadata(request_id)
     analysis_reply, lesion_reply = await asyncio.gather(
         _call(
             "analysis",
-            backends.analysis.Analyze(analysis_request, timeout=backends.analysis_deadline_s),
+            backends.analysis.Analyze(
+                analysis_request, timeout=backends.analysis_deadline_s, metadata=metadata
+            ),
         ),
-        _call("lesion", backends.lesion.Detect(lesion_request, timeout=backends.lesion_deadline_s)),
+        _call(
+            "lesion",
+            backends.lesion.Detect(
+                lesion_request, timeout=backends.lesion_deadline_s, metadata=metadata
+            ),
+        ),
     )
     rendered: dict[str, bytes] = {}
 

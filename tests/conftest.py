@@ -93,13 +93,16 @@ class Stack:
     tmp: Path
     extra_env: dict[str, str] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
     services: dict[str, ServiceProcess] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.ports = {name: free_port() for name in (*BACKENDS, "gateway")}
+        self.metrics_ports = {name: free_port() for name in BACKENDS}
         env = dict(os.environ)
         for name in BACKENDS:
             env[f"RETINAL_{name.upper()}_PORT"] = str(self.ports[name])
+            env[f"RETINAL_{name.upper()}_METRICS_PORT"] = str(self.metrics_ports[name])
             env[f"RETINAL_GATEWAY_{name.upper()}_ADDR"] = self.address(name)
             env[f"RETINAL_WORKER_{name.upper()}_ADDR"] = self.address(name)
         env["RETINAL_GATEWAY_PORT"] = str(self.ports["gateway"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -200,3 +201,29 @@ def test_a_dicom_upload_is_analysed_and_no_patient_data_reaches_the_logs(secured
     logs = "".join(service.log for service in secured.services.values())
     assert "dicom-1" in logs  # the request was logged...
     assert "Doe^Jane" not in logs and "PID-SECRET-42" not in logs  # ...without the patient
+
+
+def test_the_request_id_reaches_every_service_and_each_serves_metrics(secured: Stack) -> None:
+    reply = httpx.post(
+        f"{secured.url}/v1/analyses",
+        files={"file": ("eye.png", fundus_png(300))},
+        headers={**_auth("clinic-b"), "X-Request-ID": "trace-me-1"},
+        timeout=60,
+    )
+    assert reply.status_code == 200, reply.text
+    for service, method in (("analysis", "Analyze"), ("lesion", "Detect")):
+        lines = [json.loads(line) for line in secured.services[service].log.splitlines()]
+        calls = [line for line in lines if line.get("request_id") == "trace-me-1"]
+        assert {(c["message"], c["method"], c["code"]) for c in calls} >= {
+            ("call", method, "OK")
+        }, secured.services[service].log[-2000:]
+        metrics = httpx.get(f"http://127.0.0.1:{secured.metrics_ports[service]}/metrics").text
+        assert (
+            f'retinal_grpc_requests_total{{code="OK",method="{method}",service="{service}"}}'
+            in metrics
+        )
+        assert "retinal_grpc_request_duration_seconds_bucket" in metrics
+    language = httpx.get(f"http://127.0.0.1:{secured.metrics_ports['language']}/metrics").text
+    assert "# TYPE retinal_grpc_requests_total counter" in language
+    gateway_lines = [json.loads(line) for line in secured.services["gateway"].log.splitlines()]
+    assert any(line.get("request_id") == "trace-me-1" for line in gateway_lines)

@@ -12,6 +12,7 @@ class AnalysisSettings(GrpcServiceSettings):
     model_config = SettingsConfigDict(env_prefix="RETINAL_ANALYSIS_", extra="ignore")
 
     port: int = 50051
+    metrics_port: int = 9451
     weights_dir: Path = Path(__file__).resolve().parent / "weights"
     # Images analysed at once; each analysis already uses every core through PyTorch.
     concurrent_analyses: int = Field(default=1, ge=1, le=16)

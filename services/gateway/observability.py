@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable
 from fastapi import FastAPI, Request, Response
 from prometheus_client import Counter, Gauge, Histogram
 
+from shared.telemetry import request_id as current_request_id
+
 logger = logging.getLogger("services.gateway.access")
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -44,6 +46,7 @@ def install_middleware(app: FastAPI) -> None:
         incoming = request.headers.get(REQUEST_ID_HEADER, "")
         request_id = incoming if _SAFE_REQUEST_ID.match(incoming) else uuid.uuid4().hex
         request.state.request_id = request_id
+        current_request_id.set(request_id)  # every log line of this request carries it
         started = time.perf_counter()
         response = await call_next(request)
         elapsed = time.perf_counter() - started

@@ -9,3 +9,4 @@ class LanguageSettings(GrpcServiceSettings):
     model_config = SettingsConfigDict(env_prefix="RETINAL_LANGUAGE_", extra="ignore")
 
     port: int = 50053
+    metrics_port: int = 9453

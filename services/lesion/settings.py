@@ -14,6 +14,7 @@ class LesionSettings(GrpcServiceSettings):
     model_config = SettingsConfigDict(env_prefix="RETINAL_LESION_", extra="ignore")
 
     port: int = 50052
+    metrics_port: int = 9452
     weights: Path = DEFAULT_WEIGHTS
     # Images processed at once; each detection already uses every core through PyTorch.
     concurrent_detections: int = Field(default=1, ge=1, le=16)

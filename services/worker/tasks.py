@@ -28,7 +28,7 @@ TRANSIENT = {
 }
 
 
-async def _analyze_file(path: Path, pixel_size_um: float | None) -> dict[str, Any]:
+async def _analyze_file(path: Path, pixel_size_um: float | None, request_id: str) -> dict[str, Any]:
     image = ingest(path.read_bytes(), pixel_size_um=pixel_size_um)
     options = message_size_options(settings.max_message_mb * MIB)
     async with (
@@ -41,7 +41,7 @@ async def _analyze_file(path: Path, pixel_size_um: float | None) -> dict[str, An
             analysis_deadline_s=settings.analysis_deadline_s,
             lesion_deadline_s=settings.lesion_deadline_s,
         )
-        analysis = await pipeline.analyze(backends, image)
+        analysis = await pipeline.analyze(backends, image, request_id=request_id)
     return analysis.findings.model_dump(mode="json", exclude_none=True)
 
 
@@ -53,7 +53,8 @@ def analyze_image(self: Task, path: str, pixel_size_um: float | None = None) -> 
     with exponential backoff and jitter.
     """
     try:
-        findings = asyncio.run(_analyze_file(Path(path), pixel_size_um))
+        # The task id names the work in every service's log, as the gateway's request id does.
+        findings = asyncio.run(_analyze_file(Path(path), pixel_size_um, self.request.id))
     except ImageRejected as error:
         return {"status": "failed", "error": {"code": error.code, "detail": error.detail}}
     except OSError as error:

@@ -71,6 +71,7 @@ async def create_analysis(
     return await analyze_upload(
         data,
         tenant=tenant,
+        request_id=request.state.request_id,
         pixel_size_um=pixel_size_um,
         overlays=layers,
         limits=request.app.state.ingest_limits,

@@ -44,6 +44,7 @@ async def analyze_upload(
     data: bytes,
     *,
     tenant: str,
+    request_id: str,
     pixel_size_um: float | None,
     overlays: Sequence[str],
     limits: IngestLimits,
@@ -54,12 +55,12 @@ async def analyze_upload(
     # Decoding a large photograph is CPU work: keep it off the event loop.
     ingested = await asyncio.to_thread(ingest, data, limits=limits, pixel_size_um=pixel_size_um)
     ingest_ms = pipeline.elapsed_ms(started)
-    models = await pipeline.model_versions(backends)
+    models = await pipeline.model_versions(backends, request_id)
     key = cache_key(ingested.info.content_sha256, pixel_size_um, overlays, models)
     stored = await asyncio.to_thread(store.find_cached, tenant, key)
     if stored is not None:
         return response(stored, cached=True)
-    analysis = await pipeline.analyze(backends, ingested, overlays)
+    analysis = await pipeline.analyze(backends, ingested, overlays, request_id)
     analysis.findings.timings_ms["ingest"] = ingest_ms
     analysis.findings.timings_ms["total"] = pipeline.elapsed_ms(started)
     stored = await asyncio.to_thread(
