@@ -30,6 +30,20 @@ def message_size_options(max_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
+def client_options(max_bytes: int) -> list[tuple[str, int | str]]:
+    """Channel options of the services' clients (gateway, worker).
+
+    round_robin spreads calls over every address a name resolves to (a headless Kubernetes
+    Service gives one per pod); short reconnect backoff finds a restarted backend quickly.
+    """
+    return [
+        *message_size_options(max_bytes),
+        ("grpc.lb_policy_name", "round_robin"),
+        ("grpc.initial_reconnect_backoff_ms", 250),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+    ]
+
+
 async def serve(settings: GrpcServiceSettings, name: str, register: Registrar) -> None:
     """Serve until SIGTERM/SIGINT, then drain in-flight calls for `shutdown_grace_s`."""
     server = grpc.aio.server(

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.retinal.v1 import analysis_pb2_grpc, language_pb2_grpc, lesion_pb2_grpc
 from services.gateway.settings import GatewaySettings
-from shared.grpc_server import message_size_options
+from shared.grpc_server import client_options
 from shared.pipeline import Backends
 
 
@@ -33,12 +33,7 @@ class BackendChannels:
     channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        options = [
-            *message_size_options(self.settings.max_message_bytes),
-            # Reconnect soon after a backend restarts instead of backing off for minutes.
-            ("grpc.initial_reconnect_backoff_ms", 250),
-            ("grpc.max_reconnect_backoff_ms", 2000),
-        ]
+        options = client_options(self.settings.max_message_bytes)
         addresses = {
             "analysis": self.settings.analysis_addr,
             "lesion": self.settings.lesion_addr,

@@ -15,7 +15,7 @@ from protos.retinal.v1 import analysis_pb2_grpc, lesion_pb2_grpc
 from services.worker.app import app, settings
 from shared import pipeline
 from shared.config import MIB
-from shared.grpc_server import message_size_options
+from shared.grpc_server import client_options
 from shared.imaging import ImageRejected, ingest
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ TRANSIENT = {
 
 async def _analyze_file(path: Path, pixel_size_um: float | None, request_id: str) -> dict[str, Any]:
     image = ingest(path.read_bytes(), pixel_size_um=pixel_size_um)
-    options = message_size_options(settings.max_message_mb * MIB)
+    options = client_options(settings.max_message_mb * MIB)
     async with (
         grpc.aio.insecure_channel(settings.analysis_addr, options=options) as analysis,
         grpc.aio.insecure_channel(settings.lesion_addr, options=options) as lesion,
