@@ -1,9 +1,10 @@
 """Static checks of the container deployment: docker-compose.yml, the Dockerfiles under deploy/
 and .dockerignore.
 
-No Docker engine and no network: the files are parsed and compared with the repository (files
-copied, modules run) and with the services' settings defaults (ports, addresses). Validation
-against the Compose JSON schema is left to a separate test.
+No Docker engine and no network: the compose file is validated against the Compose
+specification's JSON schema (the copy that check-jsonschema ships), and the files are parsed
+and compared with the repository (files copied, modules run) and with the services' settings
+defaults (ports, addresses).
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import jsonschema
 import pytest
 import yaml
 from pydantic_settings import BaseSettings
@@ -293,6 +296,14 @@ def is_pinned(image: str) -> bool:
 
 
 # ---- compose file ----
+
+
+def test_compose_file_matches_the_compose_specification() -> None:
+    vendored = resources.files("check_jsonschema.builtin_schemas.vendor")
+    schema = json.loads(vendored.joinpath("compose-spec.json").read_text())
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    errors = [f"{list(e.path)}: {e.message}" for e in validator.iter_errors(COMPOSE)]
+    assert not errors
 
 
 def test_compose_top_level_is_valid() -> None:
