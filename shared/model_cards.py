@@ -6,7 +6,15 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
+from prometheus_client import Gauge
+
 from protos.retinal.v1 import common_pb2
+
+MODEL_INFO = Gauge(
+    "retinal_model_info",
+    "A model this service serves (value 1), with its version and weights' sha256",
+    ["service", "name", "version", "sha256"],
+)
 
 
 def _numbers(tree: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
@@ -29,3 +37,9 @@ def model_card(manifest: dict[str, Any]) -> common_pb2.ModelCard:
         metrics=dict(_numbers(manifest.get("metrics", {}))),
         license=manifest.get("license", ""),
     )
+
+
+def export_model_info(service: str, manifests: list[dict[str, Any]]) -> None:
+    """Publish the served models on the service's /metrics (`retinal_model_info`)."""
+    for manifest in manifests:
+        MODEL_INFO.labels(service, manifest["name"], manifest["version"], manifest["sha256"]).set(1)

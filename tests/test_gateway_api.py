@@ -223,6 +223,7 @@ def test_the_request_id_reaches_every_service_and_each_serves_metrics(secured: S
             in metrics
         )
         assert "retinal_grpc_request_duration_seconds_bucket" in metrics
+        assert 'retinal_model_info{name="' in metrics and f'service="{service}"' in metrics
     language = httpx.get(f"http://127.0.0.1:{secured.metrics_ports['language']}/metrics").text
     assert "# TYPE retinal_grpc_requests_total counter" in language
     gateway_lines = [json.loads(line) for line in secured.services["gateway"].log.splitlines()]

@@ -15,7 +15,7 @@ from services.analysis.engine.overlays import LAYERS, render
 from services.analysis.settings import AnalysisSettings
 from shared import findings, grpc_server, pixels
 from shared.convert import findings_to_proto, from_proto
-from shared.model_cards import model_card
+from shared.model_cards import export_model_info, model_card
 
 SERVICE_NAME = analysis_pb2.DESCRIPTOR.services_by_name["AnalysisService"].full_name
 
@@ -65,6 +65,7 @@ def main() -> None:
     analyzer = Analyzer.load(
         settings.weights_dir, vessel_mirror_average=settings.vessel_mirror_average
     )
+    export_model_info("analysis", analyzer.manifests)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
 

@@ -17,7 +17,7 @@ from services.lesion.engine.overlays import LAYERS, layer_types, mask_png, rende
 from services.lesion.settings import LesionSettings
 from shared import findings, grpc_server, pixels
 from shared.convert import findings_from_proto, from_proto, to_proto
-from shared.model_cards import model_card
+from shared.model_cards import export_model_info, model_card
 
 SERVICE_NAME = lesion_pb2.DESCRIPTOR.services_by_name["LesionService"].full_name
 # DetectRequest.masks names the 0/255 masks to return: "ma", "he", "ex", "se".
@@ -108,6 +108,7 @@ def main() -> None:
     settings = LesionSettings()
     # Refuses to start on missing weights or a checksum mismatch (ModelIntegrityError).
     detector = LesionDetector.load(settings.weights)
+    export_model_info("lesion", [detector.manifest])
 
     def register(server: grpc.aio.Server) -> Sequence[str]:
         servicer = LesionServicer(detector, settings)
