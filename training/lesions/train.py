@@ -65,6 +65,7 @@ class Config:
     checkpoint_every: int = 100
     log_every: int = 25
     resume: bool = False
+    device: str = "auto"  # "auto": CUDA when present, else the CPU
 
 
 @dataclass
@@ -108,6 +109,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     parser.add_argument("--log-every", type=int, default=defaults.log_every)
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    parser.add_argument("--device", default=defaults.device, choices=["auto", "cpu", "cuda"])
     args = parser.parse_args(argv)
     return Config(**{**vars(args), "widths": tuple(int(w) for w in args.widths.split(","))})
 
@@ -221,8 +223,15 @@ def checkpoint_path(config: Config) -> Path:
     return config.checkpoints / f"{config.output.stem}-fold-{config.fold}.ckpt"
 
 
+def training_device(config: Config) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
 def new_state(config: Config) -> TrainState:
-    net = VesselUNet(3, config.widths, len(TYPES)).to(memory_format=torch.channels_last)
+    net = VesselUNet(3, config.widths, len(TYPES)).to(training_device(config))
+    net = net.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(net.parameters(), config.lr, weight_decay=config.weight_decay)
     return TrainState(net, optimizer)
 
@@ -243,7 +252,9 @@ def save_checkpoint(config: Config, state: TrainState) -> None:
 
 
 def load_checkpoint(config: Config, state: TrainState) -> TrainState:
-    saved = torch.load(checkpoint_path(config), weights_only=False)
+    saved = torch.load(
+        checkpoint_path(config), weights_only=False, map_location=training_device(config)
+    )
     state.net.load_state_dict(saved["net"])
     state.optimizer.load_state_dict(saved["optimizer"])
     state.step, state.elapsed_s, state.losses = saved["step"], saved["elapsed_s"], saved["losses"]
@@ -263,14 +274,16 @@ def train(config: Config, state: TrainState) -> TrainState:
     full_pool = [(image, seeds_of(image, rng)) for image in full]
     lowres_pool = [(image, seeds_of(image, rng)) for image in lowres]
     state.net.train()
+    device = training_device(config)
     running: list[float] = []
     while state.step < config.steps and not out_of_time(config, state):
         start = time.perf_counter()
         for group in state.optimizer.param_groups:
             group["lr"] = learning_rate(config, state)
         inputs, targets, weights = sample_batch(full_pool, lowres_pool, config, rng)
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+        inputs = inputs.to(device).contiguous(memory_format=torch.channels_last)
+        targets, weights = targets.to(device), weights.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
             logits = state.net(inputs)
         loss = compute_loss(logits, targets, weights)
         state.optimizer.zero_grad(set_to_none=True)
@@ -324,14 +337,16 @@ def export(config: Config, state: TrainState) -> dict:
             "steps": state.step,
             "wall_time_s": round(state.elapsed_s, 1),
             "final_loss": state.losses[-1] if state.losses else None,
-            "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch "
+            "machine": f"{platform.machine()} {training_device(config)}, "
+            f"{torch.get_num_threads()} threads, torch "
             f"{torch.__version__}",
         },
         "metrics": {},
         "license": "weights trained on IDRiD (CC BY 4.0)",
     }
     state16 = {
-        k: v.half() if v.is_floating_point() else v for k, v in state.net.state_dict().items()
+        k: v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu()
+        for k, v in state.net.state_dict().items()
     }
     return save_with_manifest(state16, config.output, manifest)
 
