@@ -49,6 +49,14 @@ class Batch:
     vessel_weight: torch.Tensor  # B x 1 x P x P: 1 where the vessel loss counts
     av: torch.Tensor  # B x P x P long: 0 artery, 1 vein, IGNORE elsewhere
 
+    def to(self, device: torch.device) -> Batch:
+        return Batch(
+            self.inputs.to(device),
+            self.vessel.to(device),
+            self.vessel_weight.to(device),
+            self.av.to(device),
+        )
+
 
 @dataclass(frozen=True)
 class Augmentation:

@@ -56,6 +56,7 @@ class Config:
     widths: tuple[int, ...] = (16, 32, 64, 128, 256)
     seed: int = 0
     bf16: bool = True
+    device: str = "auto"  # "auto": CUDA when present, else the CPU
     threads: int = 0  # 0: torch's default (one per core)
     data_root: Path = datasets.DEFAULT_ROOT
     out_dir: Path = Path("var/train/vessels")
@@ -102,6 +103,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--name", default=defaults.name, help="exported file stem")
     parser.add_argument("--weights-dir", type=Path, default=defaults.weights_dir)
     parser.add_argument("--export", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--device", default=defaults.device, choices=["auto", "cpu", "cuda"])
     args = parser.parse_args(argv)
     values = vars(args)
     values["widths"] = tuple(int(width) for width in args.widths.split(","))
@@ -113,9 +115,16 @@ def load_images(samples: list[datasets.Sample], seed: int) -> list[CanonicalImag
     return [canonical_image(sample, generator) for sample in samples]
 
 
+def training_device(config: Config) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
 def new_state(config: Config) -> TrainState:
     torch.manual_seed(config.seed)
-    net = VesselUNet(3, config.widths).to(memory_format=torch.channels_last)
+    net = VesselUNet(3, config.widths).to(training_device(config))
+    net = net.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     return TrainState(net, optimizer, scheduler, torch.Generator().manual_seed(config.seed))
@@ -158,6 +167,7 @@ def train(config: Config, images: list[CanonicalImage], state: TrainState) -> Tr
     run = {"from_step": state.step, "threads": torch.get_num_threads(), **_recipe(config)}
     state.runs.append(run)
     state.net.train()
+    device = training_device(config)
     window: dict[str, float] = {}
     started = time.perf_counter()
     window_start = started
@@ -165,8 +175,9 @@ def train(config: Config, images: list[CanonicalImage], state: TrainState) -> Tr
         batch = sample_batch(
             images, config.batch, config.patch, state.generator, config.augmentation
         )
+        batch = batch.to(device)
         inputs = batch.inputs.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
             logits = state.net(inputs)
         parts = compute_loss(logits, batch, config.av_weight)
         state.optimizer.zero_grad(set_to_none=True)
@@ -218,7 +229,7 @@ def save_checkpoint(state: TrainState, path: Path) -> None:
 
 def load_checkpoint(config: Config, path: Path) -> TrainState:
     state = new_state(config)
-    saved = torch.load(path, weights_only=True)
+    saved = torch.load(path, weights_only=True, map_location=training_device(config))
     state.net.load_state_dict(saved["net"])
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
@@ -234,7 +245,7 @@ def export(config: Config, state: TrainState, samples: list[datasets.Sample]) ->
     """fp16 safetensors + manifest; threshold from training images, held-out metrics."""
     weights = config.weights_dir / f"{config.name}.safetensors"
     state16 = {
-        key: value.half() if value.is_floating_point() else value
+        key: value.detach().cpu().half() if value.is_floating_point() else value.detach().cpu()
         for key, value in state.net.state_dict().items()
     }
     manifest = save_with_manifest(state16, weights, _manifest(config, state, samples))
