@@ -28,6 +28,15 @@ run: setup
 test: setup
 	$(BIN)/pytest -q
 
+# Accuracy and speed of the committed models on ../shared/datasets -> bench/results/*.json.
+# Cross-validation benches need their fold models first (bench/disc.py, bench/lesions.py say how).
+bench: setup
+	$(BIN)/python -m bench.features
+	$(BIN)/python -m bench.quality
+	$(BIN)/python -m bench.vessels
+	$(BIN)/python -m bench.analysis
+	$(BIN)/python -m bench.lesions
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
