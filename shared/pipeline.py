@@ -147,7 +147,9 @@ async def analyze(
     else:
         assert isinstance(analysis_reply, analysis_pb2.AnalyzeResponse)
         result = findings_from_proto(analysis_reply.findings)
-        result.image = image.info
+        # The analysis echoes the image facts, with a disc-based calibration estimate added
+        # when nothing else calibrated the image: keep its copy.
+        result.image = result.image or image.info
         rendered.update({overlay.layer: overlay.png for overlay in analysis_reply.overlays})
         result.stages.append(findings.StageStatus(stage="analysis", state=findings.StageState.OK))
 

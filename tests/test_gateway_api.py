@@ -13,7 +13,7 @@ from fhir.resources.R4B.bundle import Bundle
 from PIL import Image
 
 from services.gateway.tenants import digest, load_keys, new_key
-from tests.conftest import Stack, fundus_png
+from tests.conftest import DATASETS, Stack, fundus_png
 from tests.test_gateway import _is_problem
 
 pytestmark = pytest.mark.slow
@@ -228,3 +228,25 @@ def test_the_request_id_reaches_every_service_and_each_serves_metrics(secured: S
     assert "# TYPE retinal_grpc_requests_total counter" in language
     gateway_lines = [json.loads(line) for line in secured.services["gateway"].log.splitlines()]
     assert any(line.get("request_id") == "trace-me-1" for line in gateway_lines)
+
+
+def test_a_real_photograph_keeps_its_disc_based_calibration_through_the_gateway(
+    secured: Stack,
+) -> None:
+    path = DATASETS / "DRIVE" / "test" / "images" / "01_test.tif"
+    if not path.exists():
+        pytest.skip("datasets are absent")
+    reply = httpx.post(
+        f"{secured.url}/v1/analyses",
+        files={"file": ("eye.tif", path.read_bytes())},
+        headers=_auth("clinic-a"),
+        timeout=120,
+    )
+    assert reply.status_code == 200, reply.text
+    found = reply.json()["findings"]
+    assert found["quality"]["grade"] in {"good", "usable"}
+    calibration = found["image"]["calibration"]
+    assert calibration["source"] == "disc_diameter" and calibration["pixel_size_um"] > 0
+    assert found["disc"]["cdr_vertical"] is not None
+    assert {s["stage"]: s["state"] for s in found["stages"]}["lesion"] == "ok"
+    assert found["assessment"]["glaucoma_suspect"] in {True, False}
