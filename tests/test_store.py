@@ -80,3 +80,42 @@ def test_one_result_per_tenant_and_cache_key(store_url: str) -> None:
     assert store.get_overlay("clinic-a", first.id, "disc") is None
     assert store.get_analysis("clinic-a", "no-such-id") is None
     store.close()
+
+
+def test_the_gateway_answers_503_while_the_database_refuses_and_recovers_after() -> None:
+    from fastapi.testclient import TestClient
+
+    from services.gateway.app import create_app
+    from services.gateway.settings import GatewaySettings
+
+    admin = create_engine(POSTGRES_ADMIN, isolation_level="AUTOCOMMIT")
+    name = f"retinal_test_{uuid.uuid4().hex[:12]}"
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f"CREATE DATABASE {name}"))
+    except OperationalError as error:
+        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {error.orig}")
+    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+
+    def refuse(refusing: bool) -> None:
+        with admin.connect() as connection:
+            connection.execute(text(f"ALTER DATABASE {name} ALLOW_CONNECTIONS {not refusing}"))
+            if refusing:  # and drop the gateway's pooled connections
+                terminate = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                connection.execute(text(f"{terminate} WHERE datname = '{name}'"))
+
+    try:
+        with TestClient(create_app(GatewaySettings(results_url=url))) as client:
+            assert client.get("/v1/analyses/nope").status_code == 404
+            refuse(True)
+            down = client.get("/v1/analyses/nope")
+            assert down.status_code == 503, down.text
+            assert down.json()["code"] == "store-unavailable"
+            assert down.headers["Retry-After"]
+            assert client.get("/readyz").json()["store"] == "unreachable"
+            refuse(False)
+            assert client.get("/v1/analyses/nope").status_code == 404  # no restart needed
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.imaging import ImageRejected
@@ -112,6 +113,15 @@ def install_handlers(app: FastAPI) -> None:
     async def _backend(request: Request, exc: BackendError) -> JSONResponse:
         logger.warning("backend error", extra={"backend": exc.service, "grpc_code": exc.code.name})
         return problem_response(request, from_backend_error(exc))
+
+    @app.exception_handler(OperationalError)
+    async def _store(request: Request, exc: OperationalError) -> JSONResponse:
+        # The database is down, full or refusing connections: retryable, not a bug.
+        logger.warning("results store error", extra={"error": type(exc.orig).__name__})
+        return problem_response(
+            request,
+            Problem(503, "store-unavailable", "The results store is unavailable", "retry later"),
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

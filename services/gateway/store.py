@@ -33,7 +33,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from shared.findings import Findings
 
@@ -98,6 +98,15 @@ class ResultsStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    def reachable(self) -> bool:
+        """The database answers a trivial query (for readiness)."""
+        try:
+            with self.engine.connect() as connection:
+                connection.execute(select(1))
+        except OperationalError:
+            return False
+        return True
 
     def save_analysis(
         self,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from grpc_health.v1 import health_pb2
@@ -29,16 +31,21 @@ async def healthz() -> Liveness:
     responses={503: {"model": Readiness, "content": {PROBLEM_MEDIA_TYPE: {}}}},
 )
 async def readyz(request: Request) -> Response:
-    """Ready only when every backend answers SERVING to grpc.health.v1."""
+    """Ready only when every backend answers SERVING to grpc.health.v1 and the store answers."""
     backends: BackendChannels = request.app.state.backends
-    statuses = await backends.statuses()
+    statuses, store_ok = await asyncio.gather(
+        backends.statuses(), asyncio.to_thread(request.app.state.store.reachable)
+    )
     for name, status in statuses.items():
         BACKEND_UP.labels(name).set(1 if status == _SERVING else 0)
-    ready = all(status == _SERVING for status in statuses.values())
-    body = Readiness(ready=ready, backends=statuses)
+    ready = store_ok and all(status == _SERVING for status in statuses.values())
+    body = Readiness(ready=ready, backends=statuses, store="ok" if store_ok else "unreachable")
     if ready:
         return JSONResponse(body.model_dump())
-    down = ", ".join(f"{n}={s}" for n, s in statuses.items() if s != _SERVING)
+    down = ", ".join(
+        [f"{n}={s}" for n, s in statuses.items() if s != _SERVING]
+        + ([] if store_ok else ["store=unreachable"])
+    )
     problem = {
         "type": "/problems/not-ready",
         "title": "Not all backends are serving",
