@@ -44,5 +44,6 @@ def test_the_api_keeps_its_contract(stack: Stack, tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=600,
+        cwd=tmp_path,  # its example cache stays out of the repository
     )
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
