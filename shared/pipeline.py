@@ -75,7 +75,7 @@ class Analysis:
 
 
 async def model_versions(backends: Backends, request_id: str | None = None) -> list[str]:
-    """ "name@version:sha256" of every model the analysis and lesion services serve, sorted.
+    """Every model the analysis and lesion services serve, as sorted "name@version:sha256".
 
     With the image's content hash this identifies a result: same image, same models, same
     findings. A backend without models (UNIMPLEMENTED) contributes nothing.
