@@ -13,6 +13,9 @@ import itertools
 import json
 import re
 import shlex
+import subprocess
+import sys
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
@@ -498,3 +501,33 @@ def test_dev_extra_is_never_installed(path: Path) -> None:
 def test_dockerignore_keeps_local_state_out() -> None:
     lines = (ROOT / ".dockerignore").read_text().splitlines()
     assert {line.strip().rstrip("/") for line in lines} >= MUST_IGNORE
+
+
+def test_the_installed_package_carries_weights_and_console(tmp_path: Path) -> None:
+    """A non-editable install (as in the images) must bring the data files the code loads."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    tracked = [
+        *sorted((ROOT / "services").glob("*/weights/*")),
+        *sorted((ROOT / "services/gateway/console").glob("*")),
+    ]
+    assert tracked
+    missing = [str(p.relative_to(ROOT)) for p in tracked if str(p.relative_to(ROOT)) not in names]
+    assert not missing

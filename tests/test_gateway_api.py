@@ -250,3 +250,18 @@ def test_a_real_photograph_keeps_its_disc_based_calibration_through_the_gateway(
     assert found["disc"]["cdr_vertical"] is not None
     assert {s["stage"]: s["state"] for s in found["stages"]}["lesion"] == "ok"
     assert found["assessment"]["glaucoma_suspect"] in {True, False}
+
+
+def test_the_console_is_served_at_the_root_and_knows_every_overlay(secured: Stack) -> None:
+    page = httpx.get(f"{secured.url}/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<form id="upload">' in page.text and 'src="console.js"' in page.text
+    script = httpx.get(f"{secured.url}/console.js")
+    assert "javascript" in script.headers["content-type"]
+    from shared.pipeline import OVERLAY_LAYERS
+
+    declared = script.text.split("const LAYERS = [", 1)[1].split("]", 1)[0]
+    assert [layer.strip().strip('"') for layer in declared.split(",")] == list(OVERLAY_LAYERS)
+    assert httpx.get(f"{secured.url}/console.css").status_code == 200
+    # The console is public (it holds no data); the API behind it still wants a key.
+    assert httpx.get(f"{secured.url}/v1/models").status_code == 401

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 
 from services.gateway.analyses.api_router import router as analyses_router
 from services.gateway.backends import BackendChannels
@@ -18,6 +20,8 @@ from services.gateway.settings import GatewaySettings
 from services.gateway.store import ResultsStore
 from services.gateway.tenants import load_keys
 from shared.imaging import IngestLimits
+
+CONSOLE = Path(__file__).resolve().parent / "console"
 
 
 def create_app(settings: GatewaySettings | None = None) -> FastAPI:
@@ -49,4 +53,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.include_router(health_router)
     app.include_router(analyses_router)
     app.include_router(models_router)
+    # The web console: static files, mounted last so that every API route comes first.
+    app.mount("/", StaticFiles(directory=CONSOLE, html=True), name="console")
     return app
