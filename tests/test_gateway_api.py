@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -265,3 +267,12 @@ def test_the_console_is_served_at_the_root_and_knows_every_overlay(secured: Stac
     assert httpx.get(f"{secured.url}/console.css").status_code == 200
     # The console is public (it holds no data); the API behind it still wants a key.
     assert httpx.get(f"{secured.url}/v1/models").status_code == 401
+
+
+def test_the_console_script_parses() -> None:
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("no Node.js to parse the console script with")
+    script = Path(__file__).resolve().parents[1] / "services/gateway/console/console.js"
+    checked = subprocess.run([node, "--check", str(script)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
