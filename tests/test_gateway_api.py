@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -276,3 +277,34 @@ def test_the_console_script_parses() -> None:
     script = Path(__file__).resolve().parents[1] / "services/gateway/console/console.js"
     checked = subprocess.run([node, "--check", str(script)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
+
+
+def test_keys_rotate_by_editing_the_key_file_without_a_restart(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from services.gateway.app import create_app
+    from services.gateway.settings import GatewaySettings
+
+    old, new = new_key(), new_key()
+    key_file = tmp_path / "keys.json"
+
+    def write(content: str, step: int) -> None:
+        key_file.write_text(content)
+        os.utime(key_file, ns=(step * 10**9, step * 10**9))  # a new stamp even within 1 s
+
+    write(json.dumps({"clinic-a": [digest(old)]}), 1)
+    settings = GatewaySettings(
+        results_url=f"sqlite:///{tmp_path / 'results.db'}", api_keys_file=key_file
+    )
+
+    def status(client: TestClient, key: str) -> int:
+        return client.get("/v1/analyses/x", headers={"Authorization": f"Bearer {key}"}).status_code
+
+    with TestClient(create_app(settings)) as client:
+        assert (status(client, old), status(client, new)) == (404, 401)
+        write(json.dumps({"clinic-a": [digest(old), digest(new)]}), 2)  # both, while clients move
+        assert (status(client, old), status(client, new)) == (404, 404)
+        write(json.dumps({"clinic-a": [digest(new)]}), 3)  # the old key retired
+        assert (status(client, old), status(client, new)) == (401, 404)
+        write("{not json", 4)  # a broken edit keeps the keys in force
+        assert (status(client, old), status(client, new)) == (401, 404)

@@ -18,7 +18,7 @@ from services.gateway.problems import install_handlers
 from services.gateway.rate_limits import RateLimits
 from services.gateway.settings import GatewaySettings
 from services.gateway.store import ResultsStore
-from services.gateway.tenants import load_keys
+from services.gateway.tenants import KeyRing
 from shared.imaging import IngestLimits
 
 CONSOLE = Path(__file__).resolve().parent / "console"
@@ -44,7 +44,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.ingest_limits = IngestLimits(max_bytes=settings.max_upload_bytes)
-    app.state.api_keys = load_keys(settings.api_keys, settings.api_keys_file)
+    app.state.api_keys = KeyRing(settings.api_keys, settings.api_keys_file)
     app.state.rate_limits = RateLimits(
         settings.rate_limit_storage, settings.rate_limit_analyses, settings.rate_limit_requests
     )

@@ -5,7 +5,8 @@ Keys are kept only as SHA-256 hex digests. They are random tokens (`retinal api-
 file. They come from `RETINAL_GATEWAY_API_KEYS` ("tenant:digest,tenant:digest") and/or the
 JSON file `RETINAL_GATEWAY_API_KEYS_FILE` ({"tenant": ["digest", ...]}). With no key
 configured the gateway is open and everything belongs to the tenant `local` (the embedded
-single-user default; the gateway logs a warning at start).
+single-user default; the gateway logs a warning at start). The file is read again when it
+changes: keys rotate without a restart.
 """
 
 from __future__ import annotations
@@ -60,9 +61,52 @@ def load_keys(environment: str, file: Path | None) -> dict[str, str]:
             raise ValueError(f"tenant {tenant!r}: a key must be given as its SHA-256 hex digest")
         if keys.setdefault(key_digest, tenant) != tenant:
             raise ValueError(f"one key is configured for two tenants ({tenant!r})")
-    if not keys:
-        logger.warning("no API keys configured: the gateway is open, all data is tenant 'local'")
     return keys
+
+
+class KeyRing:
+    """The configured keys. The key file is read again when it changes, so that keys rotate
+    without a restart; a broken new version is logged and the keys in force are kept."""
+
+    def __init__(self, environment: str, file: Path | None) -> None:
+        self.environment = environment
+        self.file = file
+        self._stamp = self._file_stamp()
+        self.keys = load_keys(environment, file)  # a bad configuration stops the start
+        if not self.keys:
+            logger.warning("no API keys configured: the gateway is open, all data is 'local'")
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        if self.file is None:
+            return None
+        status = self.file.stat()
+        return status.st_mtime_ns, status.st_size
+
+    def _refresh(self) -> None:
+        try:
+            stamp = self._file_stamp()
+        except OSError:
+            logger.error("the API key file cannot be read: the loaded keys stay in force")
+            return
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            keys = load_keys(self.environment, self.file)
+        except (OSError, ValueError) as error:  # json.JSONDecodeError is a ValueError
+            logger.error("the new API key file is refused", extra={"error": str(error)})
+            return
+        self.keys = keys
+        logger.info("API keys reloaded", extra={"tenants": len(set(keys.values()))})
+
+    def tenant_of(self, key: str) -> str | None:
+        self._refresh()
+        return self.keys.get(digest(key))
+
+    @property
+    def is_open(self) -> bool:
+        self._refresh()
+        return not self.keys
 
 
 def _unauthorized(detail: str) -> Problem:
@@ -80,12 +124,12 @@ async def current_tenant(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> str:
     """The tenant of the request's API key (401 without a valid one, unless the gateway is open)."""
-    keys: dict[str, str] = request.app.state.api_keys
-    if not keys:
+    ring: KeyRing = request.app.state.api_keys
+    if ring.is_open:
         return OPEN_TENANT
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise _unauthorized("send 'Authorization: Bearer <API key>'")
-    tenant = keys.get(digest(credentials.credentials))
+    tenant = ring.tenant_of(credentials.credentials)
     if tenant is None:
         raise _unauthorized("the API key is not known")
     return tenant
