@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 PROTOS := $(wildcard protos/retinal/v1/*.proto)
 GENERATED := $(PROTOS:.proto=_pb2.py)
 
-.PHONY: setup protos run test lint format bench clean
+.PHONY: setup protos run test lint format bench loadtest clean
 
 setup: $(VENV)/.installed protos
 
@@ -36,6 +36,10 @@ bench: setup
 	$(BIN)/python -m bench.vessels
 	$(BIN)/python -m bench.analysis
 	$(BIN)/python -m bench.lesions
+
+# A local stack under locust for 45 s, failing on any error or on a p95 over its bound.
+loadtest: setup
+	$(BIN)/python -m bench.loadtest --short
 
 lint: setup
 	$(BIN)/ruff check .
