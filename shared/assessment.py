@@ -42,14 +42,22 @@ _NOT_SEEN = (
 
 
 def lesion_totals(result: findings.Findings) -> dict[findings.LesionType, int] | None:
-    """Count per type (uncapped, from lesion_counts); None when lesions were not measured."""
+    """Count per ASSESSED type (uncapped, from lesion_counts); None when no lesion was measured.
+
+    A type without a LesionCount was not assessed (the lesion model does not report a type
+    whose held-out accuracy is too low): it is absent here, never counted as zero.
+    """
     if not result.lesion_counts:
         return None
-    totals = dict.fromkeys(findings.LesionType, 0)
+    totals: dict[findings.LesionType, int] = {}
     for count in result.lesion_counts:
         if count.type is not None:
-            totals[count.type] += count.count
+            totals[count.type] = totals.get(count.type, 0) + count.count
     return totals
+
+
+def _plural(types: set[findings.LesionType]) -> str:
+    return ", ".join(_NAMES[t][1] for t in findings.LesionType if t in types)
 
 
 def haemorrhages_per_quadrant(result: findings.Findings) -> Counter[findings.Quadrant] | None:
@@ -71,15 +79,24 @@ def dr_grade(result: findings.Findings) -> tuple[int | None, list[str], list[str
         return None, ["DR grade not estimated: lesions were not detected"], []
     found = {t: n for t, n in totals.items() if n}
     summary = ", ".join(f"{n} {_NAMES[t][n > 1]}" for t, n in found.items())
+    unassessed = set(findings.LesionType) - set(totals)
+    not_assessed = (
+        [f"{_plural(unassessed)} not assessed (the lesion model is not accurate enough for them)"]
+        if unassessed
+        else []
+    )
     if not found:
+        if unassessed:
+            return None, [f"DR grade not estimated: no lesion found, but {not_assessed[0]}"], []
         return 0, ["ICDR 0 (no apparent retinopathy): no lesion found"], [_NOT_SEEN]
     if set(found) == {findings.LesionType.MICROANEURYSM}:
-        return 1, [f"ICDR 1 (mild NPDR): microaneurysms only ({summary})"], [_NOT_SEEN]
+        reasons = [f"ICDR 1 (mild NPDR): microaneurysms only ({summary})"]
+        return 1, reasons, [*not_assessed, _NOT_SEEN]
     reasons = [f"ICDR >= 2 (moderate NPDR): more than microaneurysms only ({summary})"]
-    caveats: list[str] = []
+    caveats: list[str] = list(not_assessed)
     quadrants = haemorrhages_per_quadrant(result)
     listed = sum(1 for les in result.lesions if les.type == findings.LesionType.HAEMORRHAGE)
-    if listed < totals[findings.LesionType.HAEMORRHAGE]:
+    if listed < totals.get(findings.LesionType.HAEMORRHAGE, 0):
         caveats.append("not every haemorrhage is listed (capped): quadrant counts are low")
     if quadrants is None:
         caveats.append("haemorrhage quadrants unknown: the severe-NPDR 4-2-1 rule was not applied")
@@ -102,6 +119,8 @@ def macular_edema_risk(result: findings.Findings) -> tuple[bool | None, str]:
     totals = lesion_totals(result)
     if totals is None:
         return None, "macular-edema risk not assessed: lesions were not detected"
+    if findings.LesionType.HARD_EXUDATE not in totals:
+        return None, "macular-edema risk not assessed: hard exudates were not assessed"
     if totals[findings.LesionType.HARD_EXUDATE] == 0:
         return False, "no macular-edema risk: no hard exudates found"
     exudates = [les for les in result.lesions if les.type == findings.LesionType.HARD_EXUDATE]

@@ -463,3 +463,53 @@ def test_overlays_draw_each_type_and_masks_are_0_255() -> None:
     assert plane.dtype == np.uint8 and set(np.unique(plane)) == {0, 255}
     with pytest.raises(ValueError, match="unknown lesion layer"):
         render(rgb, {}, [], "vessels")
+
+
+# --- types the model does not report are "not assessed", never "none found" ---------------
+
+
+def _partially_assessed(lesions: list[findings.Lesion], assessed: set[LesionType]):
+    result = _findings(lesions)
+    result.lesion_counts = [c for c in result.lesion_counts if c.type in assessed]
+    return result
+
+
+@pytest.mark.parametrize(
+    ("case", "lesions", "assessed", "grade", "edema"),
+    [
+        ("nothing found, MA not assessed", [], {HE, EX, SE}, None, False),
+        ("nothing found, EX not assessed", [], {MA, HE, SE}, None, None),
+        (
+            "a haemorrhage, MA not assessed",
+            [_lesion(HE, Quadrant.INFERO_NASAL, 3.0)],
+            {HE, EX},
+            2,
+            False,
+        ),
+        ("MA only, HE not assessed", [_lesion(MA, Quadrant.SUPERO_NASAL, 2.0)], {MA, EX}, 1, False),
+    ],
+)
+def test_unassessed_types_are_never_read_as_absent(case, lesions, assessed, grade, edema) -> None:
+    result = assess(_partially_assessed(lesions, assessed))
+    assert result.dr_grade == grade, case
+    assert result.macular_edema_risk is edema, case
+    said = " ".join([*result.reasons, *result.caveats])
+    plural = {MA: "microaneurysms", HE: "haemorrhages", EX: "hard exudates", SE: "cotton-wool"}
+    for kind in set(LesionType) - assessed:
+        assert f"{plural[kind]}" in said and "not assessed" in said, case
+
+
+def test_the_detector_reports_only_the_types_its_manifest_lists(tmp_path: Path) -> None:
+    manifest = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())
+    manifest["reported_types"] = ["he", "ex"]
+    manifest["thresholds"] = {"ma": 0.3, "he": 0.4, "ex": 0.6, "se": 0.5}
+    detector = LesionDetector.load()
+    detector.manifest = manifest
+    assert detector.reported_types() == (HE, EX)
+    assert detector.thresholds() == {HE: 0.4, EX: 0.6}
+    fundus = _fundus_with_lesions(findings.Laterality.RIGHT)
+    info = findings.ImageInfo(width=fundus.spec.size, height=fundus.spec.size)
+    result = detect(detector, fundus.rgb, info, mask_types=tuple(LesionType))
+    assert [c.type for c in result.counts] == [HE, EX]
+    assert set(result.masks) == {HE, EX}
+    assert {lesion.type for lesion in result.lesions} <= {HE, EX}

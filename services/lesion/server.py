@@ -81,6 +81,7 @@ class LesionServicer(lesion_pb2_grpc.LesionServiceServicer):
             masks=[
                 lesion_pb2.LesionMask(type=to_proto_type(t), png=mask_png(result.masks[t]))
                 for t in mask_types
+                if t in result.masks  # a type the model does not report has no mask
             ],
             overlays=[
                 common_pb2.Overlay(

@@ -41,10 +41,13 @@ def input_masks(
     shape: tuple[int, int],
     types: tuple[findings.LesionType, ...],
 ) -> dict[findings.LesionType, np.ndarray]:
-    """Bool masks of `types` on the received image's grid (zero outside the FOV crop)."""
+    """Bool masks of `types` on the received image's grid (zero outside the FOV crop); a type
+    without a threshold (not reported) has no mask."""
     grid = maps.grid
     masks = {}
     for lesion_type in types:
+        if lesion_type not in thresholds:
+            continue
         channel = TYPES.index(lesion_type)
         plane = (np.clip(maps.probabilities[channel], 0, 1) * 255).astype(np.uint8)
         size = (grid.x1 - grid.x0, grid.y1 - grid.y0)
@@ -120,9 +123,10 @@ def detect(
     if known.image is None:
         known = known.model_copy(update={"image": info})
     lesions = position_lesions(to_findings(instances, offset, size), known, size)
-    counts = [
+    counts = [  # reported types only: an absent type was not assessed, not found absent
         findings.LesionCount(type=t, count=totals[t][0], total_area_px=round(totals[t][1], 1))
         for t in TYPES
+        if t in totals
     ]
     assessment = assess(known.model_copy(update={"lesions": lesions, "lesion_counts": counts}))
     masks = input_masks(maps, thresholds, rgb.shape[:2], mask_types)

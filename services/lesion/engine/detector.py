@@ -75,10 +75,17 @@ class LesionDetector(NetRunner):
     TASK = TASK
     DEFAULT_WEIGHTS = DEFAULT_WEIGHTS
 
+    def reported_types(self) -> tuple[LesionType, ...]:
+        """The types this model reports: those its manifest lists as accurate enough on
+        held-out images (`reported_types`, written by bench/lesions.py); all when unlisted."""
+        listed = self.manifest.get("reported_types")
+        return TYPES if listed is None else tuple(t for t in TYPES if SHORT_NAMES[t] in listed)
+
     def thresholds(self) -> dict[LesionType, float]:
-        """Per-type probability thresholds chosen at training time (0.5 when absent)."""
+        """Probability thresholds of the reported types, chosen on held-out images (0.5 when
+        the manifest has none)."""
         chosen = self.manifest.get("thresholds", {})
-        return {t: float(chosen.get(SHORT_NAMES[t], 0.5)) for t in TYPES}
+        return {t: float(chosen.get(SHORT_NAMES[t], 0.5)) for t in self.reported_types()}
 
     def probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
         """1 x 3 x h x w standardised input -> 4 x h x w float32 probabilities, tiled."""

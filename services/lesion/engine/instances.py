@@ -69,11 +69,16 @@ def components(
 def extract(
     maps: LesionMaps, thresholds: dict[LesionType, float], max_per_type: int
 ) -> tuple[list[Instance], dict[LesionType, tuple[int, float]]]:
-    """Capped instances (input pixels) and, per type, the uncapped (count, total area)."""
+    """Capped instances (input pixels) and, per type, the uncapped (count, total area).
+
+    Only the types that `thresholds` names are extracted (the others are not reported).
+    """
     gap = MERGE_GAP_FRACTION * 2.0 * maps.grid.fov_radius
     kept: list[Instance] = []
     totals: dict[LesionType, tuple[int, float]] = {}
     for channel, lesion_type in enumerate(TYPES):
+        if lesion_type not in thresholds:
+            continue
         found = components(maps.probabilities[channel], lesion_type, thresholds[lesion_type], gap)
         found = [to_input(instance, maps.grid) for instance in found]
         totals[lesion_type] = (len(found), sum(i.area_px for i in found))
