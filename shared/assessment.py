@@ -76,7 +76,7 @@ def dr_grade(result: findings.Findings) -> tuple[int | None, list[str], list[str
     """(ICDR grade estimate, reasons, caveats) from the lesions."""
     totals = lesion_totals(result)
     if totals is None:
-        return None, ["DR grade not estimated: lesions were not detected"], []
+        return None, ["DR grade not estimated: no lesion type was assessed"], []
     found = {t: n for t, n in totals.items() if n}
     summary = ", ".join(f"{n} {_NAMES[t][n > 1]}" for t, n in found.items())
     unassessed = set(findings.LesionType) - set(totals)
@@ -118,7 +118,7 @@ def macular_edema_risk(result: findings.Findings) -> tuple[bool | None, str]:
     """Hard exudates within 1 DD of the fovea; None when their distance is unknown."""
     totals = lesion_totals(result)
     if totals is None:
-        return None, "macular-edema risk not assessed: lesions were not detected"
+        return None, "macular-edema risk not assessed: no lesion type was assessed"
     if findings.LesionType.HARD_EXUDATE not in totals:
         return None, "macular-edema risk not assessed: hard exudates were not assessed"
     if totals[findings.LesionType.HARD_EXUDATE] == 0:

@@ -321,7 +321,7 @@ def test_quality_and_missing_lesions_are_said_plainly() -> None:
     assert any("microaneurysms" in c for c in assess(usable).caveats)
     unmeasured = assess(findings.Findings())
     assert unmeasured.dr_grade is None and unmeasured.macular_edema_risk is None
-    assert any("not detected" in r for r in unmeasured.reasons)
+    assert any("no lesion type was assessed" in r for r in unmeasured.reasons)
 
 
 # --- model files -------------------------------------------------------------------------
