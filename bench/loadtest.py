@@ -70,6 +70,8 @@ def stack_env(folder: Path) -> dict[str, str]:
         env[f"RETINAL_WORKER_{name.upper()}_ADDR"] = f"127.0.0.1:{port}"
     env["RETINAL_GATEWAY_PORT"] = str(free_port())
     env["RETINAL_GATEWAY_RESULTS_URL"] = f"sqlite:///{folder / 'results.db'}"
+    # The worker idles here; keep it off any shared Redis (its embedded broker instead).
+    env["REDIS_URL"] = "redis://127.0.0.1:1/0"
     env["RETINAL_WORKER_EMBEDDED_BROKER_DIR"] = str(folder / "queue")
     # Load, not abuse: the tenant limits are not what is measured here.
     env["RETINAL_GATEWAY_RATE_LIMIT_ANALYSES"] = "100000/minute"
