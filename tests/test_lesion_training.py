@@ -1,0 +1,63 @@
+"""The lesion training pipeline without the datasets: colour-mask decoding, tile sampling,
+the loss, and one optimiser step (the loop the real runs use)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from training.lesions import data, train
+
+
+def test_idrid_colour_masks_decode_to_the_four_types_and_drop_the_disc() -> None:
+    colours = np.array(
+        [[[255, 255, 255], [255, 0, 0], [0, 0, 255], [0, 255, 0], [255, 255, 0], [255, 0, 255]]],
+        dtype=np.uint8,
+    )  # MA, HE, EX, SE, optic disc, HE overlapping EX
+    ma, he, ex, se = data.decode_colour_mask(colours)
+    assert ma[0].tolist() == [True, False, False, False, False, False]
+    assert he[0].tolist() == [False, True, False, False, False, True]
+    assert ex[0].tolist() == [False, False, True, False, False, True]
+    assert se[0].tolist() == [False, False, False, True, False, False]
+
+
+def test_folds_hold_out_every_full_size_image_exactly_once() -> None:
+    held_out = [image for fold in range(data.FOLDS) for image in data.fold_ids(fold)]
+    assert sorted(held_out) == sorted(data.FULL_IDS)
+
+
+def _grid_image(rng: np.random.Generator, ma_valid: bool = True) -> data.GridImage:
+    size = 320
+    yy, xx = np.mgrid[:size, :size]
+    fov = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 2 - 4) ** 2
+    masks = np.zeros((4, size, size), dtype=bool)
+    for channel, radius in enumerate((2, 6, 4, 9)):
+        cy, cx = rng.integers(80, 240, size=2)
+        masks[channel] = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+    rgb = np.full((size, size, 3), 120, dtype=np.uint8)
+    rgb[masks[1]] = (60, 20, 10)  # haemorrhage: dark red
+    rgb[masks[2]] = (230, 220, 90)  # exudate: bright yellow
+    inputs = ((rgb.astype(np.float32) - 120) / 40).transpose(2, 0, 1).astype(np.float16)
+    targets = (masks * 255).astype(np.uint8) * fov
+    return data.GridImage("synthetic", inputs, targets, fov, ma_valid)
+
+
+def test_one_training_step_learns_from_lesion_centred_tiles() -> None:
+    rng = np.random.default_rng(0)
+    config = train.Config(batch=4, tile=64, widths=(4, 8, 16, 32, 64), lesion_fraction=1.0)
+    full = [(image, train.seeds_of(image, rng)) for image in (_grid_image(rng),)]
+    lowres = [(image, train.seeds_of(image, rng)) for image in (_grid_image(rng, False),)]
+    inputs, targets, weights = train.sample_batch(full, lowres, config, rng)
+    assert inputs.shape == (4, 3, 64, 64) and targets.shape == (4, 4, 64, 64)
+    assert targets.sum() > 0  # lesion-centred tiles contain lesions
+    assert set(weights[:, 0].tolist()) <= {0.0, 1.0}  # MA counts only where it is labelled
+    state = train.new_state(config)
+    before = [p.detach().clone() for p in state.net.parameters()]
+    loss = train.compute_loss(state.net(inputs), targets, weights)
+    assert torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    state.optimizer.step()
+    changed = sum(
+        not torch.equal(a, b) for a, b in zip(before, state.net.parameters(), strict=True)
+    )
+    assert changed == len(before)
