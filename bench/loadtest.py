@@ -35,8 +35,9 @@ RESULTS = ROOT / "bench" / "results" / "loadtest.json"
 LOCUSTFILE = ROOT / "tests" / "load" / "locustfile.py"
 DATASETS = Path(os.environ.get("RETINAL_DATASETS", ROOT.parent / "shared" / "datasets"))
 # p95 bounds of the short form, milliseconds (see the module doc).
+# Measured (bench/results/loadtest.json, 2 idle cores): 2 users, POST p95 2.8 s; GETs < 0.1 s.
 THRESHOLDS_MS = {
-    "POST /v1/analyses": 20_000,
+    "POST /v1/analyses": 10_000,
     "GET /v1/analyses/{id}": 2_000,
     "GET /v1/models": 2_000,
 }
@@ -148,7 +149,6 @@ def main() -> int:
         "what": "locust users posting analyses (3), reading one back (2), listing models (1), "
         "0.2-1.0 s think time; every analysis misses the results cache",
         "steps": results,
-        "short_form_thresholds_p95_ms": THRESHOLDS_MS,
     }
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
     return 0

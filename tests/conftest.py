@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import socket
@@ -216,3 +217,11 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+def reported_lesion_types() -> list[str]:
+    """Short names of the lesion types the served model reports (its manifest says)."""
+    from services.lesion.engine.detector import DEFAULT_WEIGHTS
+
+    manifest = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())
+    return list(manifest.get("reported_types", ["ma", "he", "ex", "se"]))

@@ -16,6 +16,7 @@ from skimage import data as skdata
 from protos.retinal.v1 import analysis_pb2, analysis_pb2_grpc, common_pb2
 from services.analysis.engine.analyzer import Analyzer
 from services.analysis.settings import AnalysisSettings
+from services.lesion.engine.detector import DEFAULT_WEIGHTS as LESION_WEIGHTS
 from shared import findings, pixels
 from shared.imaging import ingest
 from shared.synthetic import SyntheticFundusSpec, generate_fundus
@@ -160,22 +161,26 @@ def test_retinal_analyze_writes_jsonl_csv_and_input_sized_masks(
     assert set(np.unique(np.asarray(vessel))) <= {0, 255}
     assert (masks / "eye_vessel_prob.png").exists() and (masks / "eye_artery.png").exists()
     found = records["eye.tif"]["findings"]
-    assert [c["type"] for c in found["lesion_counts"]] == [
-        "microaneurysm",
-        "haemorrhage",
-        "hard_exudate",
-        "soft_exudate",
-    ]
+    # Only the types the served lesion model reports are counted, masked and put in the CSV.
+    manifest = json.loads(LESION_WEIGHTS.with_suffix(".json").read_text())
+    reported = manifest.get("reported_types", ["ma", "he", "ex", "se"])
+    names = {"ma": "microaneurysm", "he": "haemorrhage", "ex": "hard_exudate", "se": "soft_exudate"}
+    assert [c["type"] for c in found["lesion_counts"]] == [names[short] for short in reported]
     assert found["assessment"]["reasons"]
     assert {"lesion-unet"} <= {m["name"] for m in found["models"]}
-    rows = {Path(r["source"]).name: r for r in csv.DictReader(table.open())}
-    counts = [c["count"] for c in found["lesion_counts"]]
-    assert [int(rows["eye.tif"][f"{short}_count"]) for short in ("ma", "he", "ex", "se")] == counts
-    assert rows["eye.tif"]["dr_grade"] == str(found["assessment"]["dr_grade"])
-    for short in ("ma", "he", "ex", "se"):
-        lesion_mask = Image.open(masks / f"eye_{short}.png")
-        assert lesion_mask.size == (565, 584)
-        assert set(np.unique(np.asarray(lesion_mask))) <= {0, 255}
+    row = {Path(r["source"]).name: r for r in csv.DictReader(table.open())}["eye.tif"]
+    counts = {c["type"]: c["count"] for c in found["lesion_counts"]}
+    for short, name in names.items():
+        if short in reported:
+            assert int(row[f"{short}_count"]) == counts[name]
+            lesion_mask = Image.open(masks / f"eye_{short}.png")
+            assert lesion_mask.size == (565, 584)
+            assert set(np.unique(np.asarray(lesion_mask))) <= {0, 255}
+        else:  # not assessed: no number and no mask, never a zero
+            assert row[f"{short}_count"] == ""
+            assert not (masks / f"eye_{short}.png").exists()
+    grade = found["assessment"].get("dr_grade")
+    assert row["dr_grade"] == ("" if grade is None else str(grade))
 
 
 def test_retinal_features_measures_given_masks(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from shared.findings import LesionType, Quadrant
 from shared.healthcheck import grpc_serving
 from shared.lesion_positions import box_to_norm, box_to_px, position_lesions
 from shared.synthetic import LesionSpec, SyntheticFundusSpec, generate_fundus
-from tests.conftest import ServiceProcess, free_port, wait_until
+from tests.conftest import ServiceProcess, free_port, reported_lesion_types, wait_until
 
 MA, HE, EX, SE = (
     LesionType.MICROANEURYSM,
@@ -421,8 +421,10 @@ def test_detect_over_grpc_returns_lesions_masks_and_assessment(lesion_address: s
     manifest = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())
     assert (card.name, card.sha256, card.task) == (manifest["name"], manifest["sha256"], TASK)
     assert [m.sha256 for m in reply.models] == [manifest["sha256"]]
-    assert [c.type for c in reply.counts] == [1, 2, 3, 4]
-    assert len(reply.masks) == 2
+    reported = reported_lesion_types()
+    order = ["ma", "he", "ex", "se"]
+    assert [c.type for c in reply.counts] == [order.index(r) + 1 for r in reported]
+    assert len(reply.masks) == len({"ex", "he"} & set(reported))  # unreported: no mask
     for mask in reply.masks:
         plane = np.asarray(Image.open(io.BytesIO(mask.png)))
         assert plane.shape == fundus.rgb.shape[:2]
