@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import OperationalError
 
 from services.gateway.store import ResultsStore
@@ -16,11 +17,20 @@ from shared import findings
 POSTGRES_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'results.db'}"
-        return
+@dataclass
+class ScratchDatabase:
+    """A throw-away PostgreSQL database, and the admin connection that made it."""
+
+    admin: Engine
+    name: str
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.name}"
+
+
+@pytest.fixture
+def postgres() -> Iterator[ScratchDatabase]:
     admin = create_engine(POSTGRES_ADMIN, isolation_level="AUTOCOMMIT")
     name = f"retinal_test_{uuid.uuid4().hex[:12]}"
     try:
@@ -30,11 +40,18 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         admin.dispose()
         pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {error.orig}")
     try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+        yield ScratchDatabase(admin, name)
     finally:
         with admin.connect() as connection:
             connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'results.db'}"
+    return request.getfixturevalue("postgres").url
 
 
 def _findings(sha: str = "ab" * 32) -> findings.Findings:
@@ -82,40 +99,29 @@ def test_one_result_per_tenant_and_cache_key(store_url: str) -> None:
     store.close()
 
 
-def test_the_gateway_answers_503_while_the_database_refuses_and_recovers_after() -> None:
+def test_the_gateway_answers_503_while_the_database_refuses_and_recovers_after(
+    postgres: ScratchDatabase,
+) -> None:
     from fastapi.testclient import TestClient
 
     from services.gateway.app import create_app
     from services.gateway.settings import GatewaySettings
 
-    admin = create_engine(POSTGRES_ADMIN, isolation_level="AUTOCOMMIT")
-    name = f"retinal_test_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.connect() as connection:
-            connection.execute(text(f"CREATE DATABASE {name}"))
-    except OperationalError as error:
-        pytest.skip(f"no PostgreSQL at 127.0.0.1:5432: {error.orig}")
-    url = f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-
     def refuse(refusing: bool) -> None:
-        with admin.connect() as connection:
-            connection.execute(text(f"ALTER DATABASE {name} ALLOW_CONNECTIONS {not refusing}"))
+        with postgres.admin.connect() as connection:
+            allow = f"ALTER DATABASE {postgres.name} ALLOW_CONNECTIONS {not refusing}"
+            connection.execute(text(allow))
             if refusing:  # and drop the gateway's pooled connections
                 terminate = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                connection.execute(text(f"{terminate} WHERE datname = '{name}'"))
+                connection.execute(text(f"{terminate} WHERE datname = '{postgres.name}'"))
 
-    try:
-        with TestClient(create_app(GatewaySettings(results_url=url))) as client:
-            assert client.get("/v1/analyses/nope").status_code == 404
-            refuse(True)
-            down = client.get("/v1/analyses/nope")
-            assert down.status_code == 503, down.text
-            assert down.json()["code"] == "store-unavailable"
-            assert down.headers["Retry-After"]
-            assert client.get("/readyz").json()["store"] == "unreachable"
-            refuse(False)
-            assert client.get("/v1/analyses/nope").status_code == 404  # no restart needed
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
+    with TestClient(create_app(GatewaySettings(results_url=postgres.url))) as client:
+        assert client.get("/v1/analyses/nope").status_code == 404
+        refuse(True)
+        down = client.get("/v1/analyses/nope")
+        assert down.status_code == 503, down.text
+        assert down.json()["code"] == "store-unavailable"
+        assert down.headers["Retry-After"]
+        assert client.get("/readyz").json()["store"] == "unreachable"
+        refuse(False)
+        assert client.get("/v1/analyses/nope").status_code == 404  # no restart needed
