@@ -32,6 +32,7 @@ from torch.nn import functional as F
 
 from services.analysis.engine.model_files import save_with_manifest
 from services.analysis.engine.nets import VesselUNet
+from services.analysis.engine.runtime import pick_device
 from services.lesion.engine.detector import DEFAULT_WEIGHTS, SHORT_NAMES, TASK, TYPES
 from services.lesion.engine.preprocess import WORK_FOV_DIAMETER
 from training.lesions import data
@@ -223,14 +224,8 @@ def checkpoint_path(config: Config) -> Path:
     return config.checkpoints / f"{config.output.stem}-fold-{config.fold}.ckpt"
 
 
-def training_device(config: Config) -> torch.device:
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(config.device)
-
-
 def new_state(config: Config) -> TrainState:
-    net = VesselUNet(3, config.widths, len(TYPES)).to(training_device(config))
+    net = VesselUNet(3, config.widths, len(TYPES)).to(pick_device(config.device))
     net = net.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(net.parameters(), config.lr, weight_decay=config.weight_decay)
     return TrainState(net, optimizer)
@@ -253,7 +248,7 @@ def save_checkpoint(config: Config, state: TrainState) -> None:
 
 def load_checkpoint(config: Config, state: TrainState) -> TrainState:
     saved = torch.load(
-        checkpoint_path(config), weights_only=False, map_location=training_device(config)
+        checkpoint_path(config), weights_only=False, map_location=pick_device(config.device)
     )
     state.net.load_state_dict(saved["net"])
     state.optimizer.load_state_dict(saved["optimizer"])
@@ -274,7 +269,7 @@ def train(config: Config, state: TrainState) -> TrainState:
     full_pool = [(image, seeds_of(image, rng)) for image in full]
     lowres_pool = [(image, seeds_of(image, rng)) for image in lowres]
     state.net.train()
-    device = training_device(config)
+    device = pick_device(config.device)
     running: list[float] = []
     while state.step < config.steps and not out_of_time(config, state):
         start = time.perf_counter()
@@ -337,7 +332,7 @@ def export(config: Config, state: TrainState) -> dict:
             "steps": state.step,
             "wall_time_s": round(state.elapsed_s, 1),
             "final_loss": state.losses[-1] if state.losses else None,
-            "machine": f"{platform.machine()} {training_device(config)}, "
+            "machine": f"{platform.machine()} {pick_device(config.device)}, "
             f"{torch.get_num_threads()} threads, torch "
             f"{torch.__version__}",
         },

@@ -30,6 +30,7 @@ from torch.nn import functional as F
 from services.analysis.engine.model_files import save_with_manifest
 from services.analysis.engine.nets import ARTERY, VEIN, VESSEL, VesselUNet
 from services.analysis.engine.preprocess import CANONICAL_SIDE
+from services.analysis.engine.runtime import pick_device
 from services.analysis.engine.vessels import TASK, WEIGHTS_DIR, VesselSegmenter
 from training.segmentation import datasets, evaluate
 from training.segmentation.sampling import (
@@ -115,15 +116,9 @@ def load_images(samples: list[datasets.Sample], seed: int) -> list[CanonicalImag
     return [canonical_image(sample, generator) for sample in samples]
 
 
-def training_device(config: Config) -> torch.device:
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(config.device)
-
-
 def new_state(config: Config) -> TrainState:
     torch.manual_seed(config.seed)
-    net = VesselUNet(3, config.widths).to(training_device(config))
+    net = VesselUNet(3, config.widths).to(pick_device(config.device))
     net = net.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
@@ -167,7 +162,7 @@ def train(config: Config, images: list[CanonicalImage], state: TrainState) -> Tr
     run = {"from_step": state.step, "threads": torch.get_num_threads(), **_recipe(config)}
     state.runs.append(run)
     state.net.train()
-    device = training_device(config)
+    device = pick_device(config.device)
     window: dict[str, float] = {}
     started = time.perf_counter()
     window_start = started
@@ -229,7 +224,7 @@ def save_checkpoint(state: TrainState, path: Path) -> None:
 
 def load_checkpoint(config: Config, path: Path) -> TrainState:
     state = new_state(config)
-    saved = torch.load(path, weights_only=True, map_location=training_device(config))
+    saved = torch.load(path, weights_only=True, map_location=pick_device(config.device))
     state.net.load_state_dict(saved["net"])
     state.optimizer.load_state_dict(saved["optimizer"])
     state.scheduler.load_state_dict(saved["scheduler"])
