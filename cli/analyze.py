@@ -14,27 +14,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from services.analysis.engine.analyzer import AnalysisResult, Analyzer
-from services.analysis.features import AUTOMORPH_COLUMNS, EXTRA_COLUMNS, Measurements
 from services.lesion.engine.detection import Detection, detect, merged
 from services.lesion.engine.detector import SHORT_NAMES, TYPES, LesionDetector
-from shared import findings
+from shared import findings, tables
 from shared.imaging import ImageRejected, ingest
 
 MASK_LAYERS = ("vessel_prob", "vessel", "artery", "vein", "disc", "cup")
 LESION_MASK_LAYERS = tuple(SHORT_NAMES[t] for t in TYPES)  # ma, he, ex, se
-LESION_COLUMNS = tuple(
-    f"{short}_{what}" for short in LESION_MASK_LAYERS for what in ("count", "area_px")
-)
-CSV_COLUMNS = (
-    "source",
-    "quality",
-    "error",
-    *AUTOMORPH_COLUMNS,
-    *EXTRA_COLUMNS,
-    *LESION_COLUMNS,
-    "dr_grade",
-    "referable",
-)
 
 
 def expand(paths: Iterable[Path]) -> Iterator[Path]:
@@ -48,38 +34,6 @@ def expand(paths: Iterable[Path]) -> Iterator[Path]:
             )
         else:
             yield path
-
-
-def columns(found: findings.Findings) -> dict[str, float | None]:
-    """The AutoMorph-named columns of one image's findings (empty when nothing was measured)."""
-    if found.vessels is None or found.disc is None:
-        return {}
-    pixel_size = None
-    if found.vessels.length_unit == findings.LengthUnit.MICROMETER and found.image:
-        pixel_size = found.image.calibration.pixel_size_um if found.image.calibration else None
-    measured = Measurements(
-        vessels=found.vessels,
-        disc=found.disc,
-        fovea=found.fovea.center if found.fovea else None,
-        pixel_size_um=pixel_size,
-        canonical_scale=1.0,  # not used for columns
-    )
-    return measured.columns()
-
-
-def lesion_columns(found: findings.Findings) -> dict[str, float | int | str | None]:
-    """Counts and areas (input pixels) per lesion type, and the DR grade estimate."""
-    row: dict[str, float | int | str | None] = {}
-    for count in found.lesion_counts:
-        if count.type is not None:
-            short = SHORT_NAMES[count.type]
-            row[f"{short}_count"] = count.count
-            row[f"{short}_area_px"] = count.total_area_px
-    if found.assessment is not None:
-        row["dr_grade"] = found.assessment.dr_grade
-        referral = found.assessment.referral
-        row["referable"] = None if referral is None else referral == findings.Referral.REFERABLE
-    return row
 
 
 def _uncrop(layer: np.ndarray, info: findings.ImageInfo) -> np.ndarray:
@@ -145,11 +99,8 @@ def analyze_files(
             mask_types = TYPES if outputs.masks is not None else ()
             detection = detect(detector, image.rgb, image.info, found, mask_types)
             found = merged(found, detection, detector)
-        grade = found.quality.grade.value if found.quality and found.quality.grade else None
         outputs.write(
-            path,
-            {"findings": found.model_dump(mode="json", exclude_none=True)},
-            {"quality": grade, **columns(found), **lesion_columns(found)},
+            path, {"findings": found.model_dump(mode="json", exclude_none=True)}, tables.row(found)
         )
         if outputs.masks is not None:
             save_masks(result, detection, path.stem, outputs.masks)

@@ -18,18 +18,21 @@ import typer
 from PIL import Image
 
 from cli import analyze as analysis_cli
+from cli import batch
 from cli.stack import LocalStack
 from services.analysis.settings import AnalysisSettings
+from shared import tables
 from shared.logs import configure_logging
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="RetinalGPT command line.")
+app.add_typer(batch.app, name="batch")
 
 VAR = Path("var")
 
 
 @app.callback()
 def _commands() -> None:
-    """RetinalGPT command line: run the stack, analyse images."""
+    """RetinalGPT command line: run the stack, analyse images, run batches."""
 
 
 def _example_image() -> Path:
@@ -132,7 +135,7 @@ def analyze(
         table = None
         if csv_path is not None:
             handle = stack.enter_context(csv_path.open("w", newline=""))
-            table = csv.DictWriter(handle, fieldnames=analysis_cli.CSV_COLUMNS)
+            table = csv.DictWriter(handle, fieldnames=tables.CSV_COLUMNS)
             table.writeheader()
         outputs = analysis_cli.Outputs(jsonl=jsonl, table=table, masks=save_masks)
         done, failed = analysis_cli.analyze_files(files, analyzer, detector, outputs)

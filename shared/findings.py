@@ -61,6 +61,15 @@ class LesionType(StrEnum):
     SOFT_EXUDATE = "soft_exudate"
 
 
+# Short names of the lesion types: overlay layers, mask files, table columns, manifests.
+LESION_SHORT_NAMES = {
+    LesionType.MICROANEURYSM: "ma",
+    LesionType.HAEMORRHAGE: "he",
+    LesionType.HARD_EXUDATE: "ex",
+    LesionType.SOFT_EXUDATE: "se",
+}
+
+
 class Quadrant(StrEnum):
     SUPERO_TEMPORAL = "supero_temporal"
     SUPERO_NASAL = "supero_nasal"

@@ -125,3 +125,106 @@ def test_the_gateway_answers_503_while_the_database_refuses_and_recovers_after(
         assert client.get("/readyz").json()["store"] == "unreachable"
         refuse(False)
         assert client.get("/v1/analyses/nope").status_code == 404  # no restart needed
+
+
+# ---- batches ---------------------------------------------------------------------------------
+
+
+def _new_batch(
+    store: ResultsStore, tenant: str = "clinic-a", queued: int = 3
+) -> tuple[str, list[str]]:
+    from services.gateway.store import ImageState, NewImage
+
+    batch_id = str(uuid.uuid4())
+    images = [NewImage(i, f"eye-{i}.png", ImageState.QUEUED, f"{i:064x}") for i in range(queued)]
+    images.append(
+        NewImage(queued, "../evil.png", ImageState.SKIPPED, None, "unsafe_path", "leaves")
+    )
+    ids = store.create_batch(batch_id, tenant, {"pixel_size_um": 6.5, "overlays": []}, images)
+    return batch_id, ids
+
+
+def test_a_batch_moves_through_its_states_and_only_its_tenant_sees_it(store_url: str) -> None:
+    from services.gateway.store import BatchState, ImageState
+
+    store = ResultsStore(store_url)
+    batch_id, ids = _new_batch(store)
+    assert len(ids) == 3
+    assert store.get_batch("clinic-b", batch_id) is None
+    assert not store.cancel_batch("clinic-b", batch_id)
+    record = store.get_batch("clinic-a", batch_id)
+    assert record is not None and record.state == BatchState.ACCEPTED
+    assert record.counts[ImageState.QUEUED] == 3 and record.counts[ImageState.SKIPPED] == 1
+    assert [(e.name, e.code) for e in record.errors] == [("../evil.png", "unsafe_path")]
+
+    claimed = store.claim_image(ids[0], lease_s=60)
+    assert claimed is not None and claimed.tenant == "clinic-a" and claimed.position == 0
+    assert claimed.options["pixel_size_um"] == 6.5
+    assert store.claim_image(ids[0], lease_s=60) is None  # a redelivered message: no-op
+    assert store.get_batch("clinic-a", batch_id).state == BatchState.RUNNING
+    saved = store.save_analysis("clinic-a", "key-0", _findings(), {})
+    assert store.finish_image(ids[0], saved.id)
+    assert not store.finish_image(ids[0], saved.id)  # written once
+    assert not store.fail_image(ids[0], "x", "y")  # a finished image stays finished
+
+    assert store.claim_image(ids[1], lease_s=60) is not None
+    assert store.fail_image(ids[1], "truncated", "the file ends early")
+    assert store.cancel_batch("clinic-a", batch_id)
+    record = store.get_batch("clinic-a", batch_id)
+    assert record.state == BatchState.CANCELLED
+    assert record.counts[ImageState.CANCELLED] == 1
+    assert store.claim_image(ids[2], lease_s=60) is None  # cancelled before it started
+
+    rows = list(store.batch_results(batch_id))
+    assert [r.state for r in rows] == [
+        ImageState.DONE,
+        ImageState.FAILED,
+        ImageState.CANCELLED,
+        ImageState.SKIPPED,
+    ]
+    assert rows[0].findings == _findings() and rows[0].analysis_id == saved.id
+    assert (rows[1].error_code, rows[1].findings) == ("truncated", None)
+    store.close()
+
+
+def test_a_batch_with_nothing_pending_is_completed_or_completed_with_errors(
+    store_url: str,
+) -> None:
+    from services.gateway.store import BatchState
+
+    store = ResultsStore(store_url)
+    batch_id, ids = _new_batch(store, queued=1)
+    assert store.claim_image(ids[0], lease_s=60) is not None
+    assert store.finish_image(ids[0], store.save_analysis("clinic-a", "k", _findings(), {}).id)
+    assert store.get_batch("clinic-a", batch_id).state == BatchState.COMPLETED_WITH_ERRORS
+    clean = str(uuid.uuid4())
+    store.create_batch(clean, "clinic-a", {}, [])
+    assert store.get_batch("clinic-a", clean).state == BatchState.COMPLETED
+    store.close()
+
+
+def test_lost_images_are_found_and_requeued_once(store_url: str) -> None:
+    from services.gateway.store import ImageState
+
+    store = ResultsStore(store_url)
+    _, ids = _new_batch(store, queued=3)
+    # Never sent: lost only after the grace period.
+    assert store.lost_images("epoch-1", unsent_grace_s=60) == []
+    assert {lost.id for lost in store.lost_images("epoch-1", unsent_grace_s=0)} == set(ids)
+    store.mark_sent(ids, "epoch-1")
+    assert store.lost_images("epoch-1", unsent_grace_s=0) == []
+    # The broker lost its data: every queued image of the old epoch is lost...
+    lost = store.lost_images("epoch-2", unsent_grace_s=0)
+    assert {image.id for image in lost} == set(ids)
+    # ...and requeued by one reconciler only.
+    assert store.requeue(lost[0], "epoch-2")
+    assert not store.requeue(lost[0], "epoch-2")
+    # A worker died holding an image: lost when its lease ends.
+    assert store.claim_image(ids[1], lease_s=-1) is not None
+    assert store.claim_image(ids[2], lease_s=60) is not None
+    lost = store.lost_images("epoch-2", unsent_grace_s=0)
+    assert [(image.id, image.state) for image in lost] == [(ids[1], ImageState.RUNNING)]
+    assert store.requeue(lost[0], "epoch-2")
+    assert store.claim_image(ids[1], lease_s=60) is not None
+    assert store.lost_images("epoch-2", unsent_grace_s=0) == []
+    store.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -11,6 +13,8 @@ from fastapi.staticfiles import StaticFiles
 
 from services.gateway.analyses.api_router import router as analyses_router
 from services.gateway.backends import BackendChannels
+from services.gateway.batches.api_router import router as batches_router
+from services.gateway.batches.queue import BatchQueue, reconcile_forever
 from services.gateway.health.api_router import router as health_router
 from services.gateway.models.api_router import router as models_router
 from services.gateway.observability import install_middleware
@@ -19,6 +23,7 @@ from services.gateway.rate_limits import RateLimits
 from services.gateway.settings import GatewaySettings
 from services.gateway.store import ResultsStore
 from services.gateway.tenants import KeyRing
+from services.worker.settings import WorkerSettings
 from shared.imaging import IngestLimits
 
 CONSOLE = Path(__file__).resolve().parent / "console"
@@ -31,7 +36,21 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.backends = BackendChannels(settings)
         app.state.store = ResultsStore(settings.results_url)
+        # Batches go to the worker's queue, configured as the worker is.
+        app.state.batch_queue = BatchQueue(WorkerSettings())
+        reconciler = asyncio.create_task(
+            reconcile_forever(
+                app.state.batch_queue,
+                app.state.store,
+                settings.batch_reconcile_interval_s,
+                settings.batch_unsent_grace_s,
+            )
+        )
         yield
+        reconciler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reconciler
+        app.state.batch_queue.close()
         await app.state.backends.close()
         app.state.store.close()
 
@@ -52,6 +71,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     install_handlers(app)
     app.include_router(health_router)
     app.include_router(analyses_router)
+    app.include_router(batches_router)
     app.include_router(models_router)
     # The web console: static files, mounted last so that every API route comes first.
     app.mount("/", StaticFiles(directory=CONSOLE, html=True), name="console")

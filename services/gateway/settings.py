@@ -2,14 +2,16 @@
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.config import MIB
 
 
 class GatewaySettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="RETINAL_GATEWAY_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="RETINAL_GATEWAY_", extra="ignore", populate_by_name=True
+    )
 
     host: str = "127.0.0.1"
     port: int = 8000
@@ -33,6 +35,20 @@ class GatewaySettings(BaseSettings):
     rate_limit_analyses: str = "120/minute"
     rate_limit_requests: str = "1200/minute"
     rate_limit_storage: str = "memory://"
+    # Batches (the queue is the worker's: REDIS_URL, RETINAL_WORKER_EMBEDDED_BROKER_DIR).
+    # Each batch's files are kept under batch_dir/<batch id>/, which the workers read too.
+    batch_dir: Path = Field(
+        default=Path("var/batches"),
+        validation_alias=AliasChoices("RETINAL_GATEWAY_BATCH_DIR", "RETINAL_BATCH_DIR"),
+    )
+    batch_max_upload_mb: int = Field(default=4096, ge=1)  # all files of one request
+    batch_max_images: int = Field(default=10_000, ge=1)
+    batch_max_total_mb: int = Field(default=8192, ge=1)  # a zip's members, uncompressed
+    batch_max_compression_ratio: float = Field(default=100.0, gt=1)  # per zip member
+    # Seconds between passes of the reconciler that sends the tasks a broker lost, and how
+    # long a batch image may wait unsent (its sender failed) before it is sent again.
+    batch_reconcile_interval_s: float = Field(default=30.0, gt=0)
+    batch_unsent_grace_s: float = Field(default=60.0, ge=0)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -41,3 +57,11 @@ class GatewaySettings(BaseSettings):
     @property
     def max_message_bytes(self) -> int:
         return self.max_message_mb * MIB
+
+    @property
+    def batch_max_upload_bytes(self) -> int:
+        return self.batch_max_upload_mb * MIB
+
+    @property
+    def batch_max_total_bytes(self) -> int:
+        return self.batch_max_total_mb * MIB

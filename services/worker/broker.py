@@ -1,4 +1,5 @@
-"""Choosing the queue: Redis when one answers, otherwise an embedded filesystem broker."""
+"""Choosing the queue: Redis when one answers, otherwise an embedded filesystem broker; and
+the Celery application on it (the worker's, and the gateway's for sending batch tasks)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from celery import Celery
 
 from services.worker.settings import WorkerSettings
 
@@ -62,3 +64,24 @@ def choose_broker(settings: WorkerSettings) -> BrokerChoice:
         },
         embedded=True,
     )
+
+
+def create_celery(settings: WorkerSettings) -> Celery:
+    choice = choose_broker(settings)
+    celery = Celery("retinal", broker=choice.broker_url, backend=choice.result_backend)
+    celery.conf.update(
+        broker_transport_options=choice.transport_options,
+        broker_connection_retry_on_startup=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        # A task is acknowledged only when done, and re-queued if its worker dies.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        result_extended=True,
+        imports=["services.worker.tasks"],
+    )
+    celery.conf.retinal_embedded_broker = choice.embedded
+    return celery

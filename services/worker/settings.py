@@ -24,4 +24,16 @@ class WorkerSettings(BaseSettings):
     max_message_mb: int = Field(default=64, ge=1)
     concurrency: int = Field(default=1, ge=1, le=64)
     max_retries: int = Field(default=5, ge=0)
+    # Batches: the gateway's results store and batch files (the same database and folder).
+    results_url: str = Field(
+        default="sqlite:///var/gateway/results.db",
+        validation_alias=AliasChoices("RETINAL_WORKER_RESULTS_URL", "RETINAL_GATEWAY_RESULTS_URL"),
+    )
+    batch_dir: Path = Field(
+        default=Path("var/batches"),
+        validation_alias=AliasChoices("RETINAL_WORKER_BATCH_DIR", "RETINAL_BATCH_DIR"),
+    )
+    # How long a claimed batch image is held: past it, the gateway's reconciler takes the
+    # worker for dead and queues the image again. Longer than any one analysis.
+    task_lease_s: float = Field(default=600.0, gt=0)
     log_level: str = "INFO"

@@ -1,10 +1,21 @@
-"""Celery tasks: one image per task, through the same pipeline as the gateway."""
+"""Celery tasks: one image per task, through the same pipeline as the gateway.
+
+`retinal.analyze_batch_image` analyses one image of a batch and records the outcome in the
+results store, which is the batch's truth (services/gateway/store.py). It claims the image
+first: a message redelivered or sent twice finds it claimed or finished and does nothing.
+The result is stored like a gateway analysis, under the cache key of the image's content hash,
+options and model versions, so an image already analysed by the same models is not analysed
+again and a repeated task writes the same row once.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +23,14 @@ import grpc
 from celery import Task
 
 from protos.retinal.v1 import analysis_pb2_grpc, lesion_pb2_grpc
+from services.gateway.analyses.serving import analyze_upload
+from services.gateway.batches.admission import image_path
+from services.gateway.store import ClaimedImage, ResultsStore
 from services.worker.app import app, settings
 from shared import pipeline
 from shared.config import MIB
 from shared.grpc_server import client_options
-from shared.imaging import ImageRejected, ingest
+from shared.imaging import DEFAULT_LIMITS, ImageRejected, ingest
 
 logger = logging.getLogger(__name__)
 
@@ -28,19 +42,24 @@ TRANSIENT = {
 }
 
 
-async def _analyze_file(path: Path, pixel_size_um: float | None, request_id: str) -> dict[str, Any]:
-    image = ingest(path.read_bytes(), pixel_size_um=pixel_size_um)
+@asynccontextmanager
+async def _backends() -> AsyncIterator[pipeline.Backends]:
     options = client_options(settings.max_message_mb * MIB)
     async with (
         grpc.aio.insecure_channel(settings.analysis_addr, options=options) as analysis,
         grpc.aio.insecure_channel(settings.lesion_addr, options=options) as lesion,
     ):
-        backends = pipeline.Backends(
+        yield pipeline.Backends(
             analysis=analysis_pb2_grpc.AnalysisServiceStub(analysis),
             lesion=lesion_pb2_grpc.LesionServiceStub(lesion),
             analysis_deadline_s=settings.analysis_deadline_s,
             lesion_deadline_s=settings.lesion_deadline_s,
         )
+
+
+async def _analyze_file(path: Path, pixel_size_um: float | None, request_id: str) -> dict[str, Any]:
+    image = ingest(path.read_bytes(), pixel_size_um=pixel_size_um)
+    async with _backends() as backends:
         analysis = await pipeline.analyze(backends, image, request_id=request_id)
     return analysis.findings.model_dump(mode="json", exclude_none=True)
 
@@ -69,3 +88,67 @@ def analyze_image(self: Task, path: str, pixel_size_um: float | None = None) -> 
             "error": {"code": error.code.name.lower(), "detail": str(error)},
         }
     return {"status": "done", "findings": findings}
+
+
+@functools.cache
+def _store() -> ResultsStore:
+    """One store per worker process (made after the pool forks)."""
+    return ResultsStore(settings.results_url)
+
+
+async def _analyze_claimed(image: ClaimedImage, request_id: str) -> str:
+    """The id of the stored analysis of a claimed image (stored now, or found stored)."""
+    data = image_path(settings.batch_dir, image.batch_id, image.position).read_bytes()
+    async with _backends() as backends:
+        stored = await analyze_upload(
+            data,
+            tenant=image.tenant,
+            request_id=request_id,
+            pixel_size_um=image.options.get("pixel_size_um"),
+            overlays=image.options.get("overlays", []),
+            limits=DEFAULT_LIMITS,
+            backends=backends,
+            store=_store(),
+        )
+    return stored.id
+
+
+@app.task(
+    bind=True,
+    name="retinal.analyze_batch_image",
+    max_retries=settings.max_retries,
+    ignore_result=True,
+)
+def analyze_batch_image(self: Task, image_id: str) -> None:
+    """Analyse one image of a batch and record its outcome (ids in logs, never names)."""
+    store = _store()
+    image = store.claim_image(image_id, settings.task_lease_s)
+    ids = {"image_id": image_id}
+    if image is None:  # finished, cancelled, or another worker's: a repeated message
+        logger.info("batch image not queued: nothing to do", extra=ids)
+        return
+    ids["batch_id"] = image.batch_id
+    try:
+        analysis_id = asyncio.run(_analyze_claimed(image, self.request.id))
+    except ImageRejected as error:
+        store.fail_image(image_id, error.code, error.detail)
+        logger.info("batch image refused", extra={**ids, "code": error.code.value})
+        return
+    except OSError as error:
+        store.fail_image(image_id, "unreadable", error.strerror or type(error).__name__)
+        logger.warning("batch image unreadable", extra=ids)
+        return
+    except pipeline.BackendError as error:
+        if error.code in TRANSIENT and self.request.retries < self.max_retries:
+            countdown = min(60.0, 2.0**self.request.retries) * random.uniform(0.5, 1.5)
+            store.release_image(image_id, countdown + settings.task_lease_s)
+            logger.warning(
+                "retrying batch image",
+                extra={**ids, "backend": error.service, "code": error.code.name},
+            )
+            raise self.retry(exc=error, countdown=countdown) from error
+        store.fail_image(image_id, error.code.name.lower(), str(error))
+        logger.warning("batch image failed", extra={**ids, "code": error.code.name})
+        return
+    if store.finish_image(image_id, analysis_id):
+        logger.info("batch image done", extra={**ids, "analysis_id": analysis_id})

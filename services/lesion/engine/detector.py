@@ -19,7 +19,7 @@ import torch
 
 from services.analysis.engine.runtime import NetRunner
 from services.lesion.engine.preprocess import WorkGrid, resample, standardise
-from shared.findings import LesionType
+from shared.findings import LESION_SHORT_NAMES, LesionType
 from shared.imaging.fov import FovEstimate, detect_field_of_view
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
@@ -32,12 +32,7 @@ TYPES = (
     LesionType.HARD_EXUDATE,
     LesionType.SOFT_EXUDATE,
 )
-SHORT_NAMES = {
-    LesionType.MICROANEURYSM: "ma",
-    LesionType.HAEMORRHAGE: "he",
-    LesionType.HARD_EXUDATE: "ex",
-    LesionType.SOFT_EXUDATE: "se",
-}
+SHORT_NAMES = LESION_SHORT_NAMES
 TILE = 1024  # most working px per tile side, margin included (bounds the memory of a pass)
 MARGIN = 32  # px of each tile border discarded (the U-Net's padding effects)
 
