@@ -12,6 +12,7 @@ import httpx
 import psutil
 
 from services.gateway.tenants import digest, new_key
+from shared.healthcheck import grpc_serving
 from tests.conftest import RedisServer, ServiceProcess, Stack, free_port, wait_until
 
 KEYS = {"clinic-a": new_key(), "clinic-b": new_key()}
@@ -35,8 +36,6 @@ class BatchStack:
             self.tmp,
             extra_env={
                 "REDIS_URL": self.redis.url,
-                "RETINAL_BATCH_DIR": str(self.tmp / "batches"),
-                "RETINAL_WORKER_EMBEDDED_BROKER_DIR": str(self.tmp / "queue"),
                 "RETINAL_GATEWAY_API_KEYS": ",".join(f"{t}:{digest(k)}" for t, k in KEYS.items()),
                 "RETINAL_GATEWAY_BATCH_RECONCILE_INTERVAL_S": "1",
                 "RETINAL_GATEWAY_BATCH_UNSENT_GRACE_S": "3",
@@ -45,8 +44,15 @@ class BatchStack:
         )
 
     def start(self) -> None:
+        """Redis, the two backends a batch needs (not the language service), the gateway and
+        one worker."""
         self.redis.start()
-        self.stack.start()
+        for name in ("analysis", "lesion"):
+            self.stack.services[name].start()
+        self.stack.services["gateway"].start()
+        for name in ("analysis", "lesion"):
+            wait_until(lambda n=name: grpc_serving(self.stack.address(n)), 30, f"{name} SERVING")
+        wait_until(self.stack._gateway_up, 30, "the gateway")
         self.start_worker()
 
     def start_worker(self) -> ServiceProcess:

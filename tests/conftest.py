@@ -109,6 +109,10 @@ class Stack:
         env["RETINAL_GATEWAY_PORT"] = str(self.ports["gateway"])
         env["RETINAL_GATEWAY_HEALTH_DEADLINE_S"] = "1.0"
         env["RETINAL_GATEWAY_RESULTS_URL"] = f"sqlite:///{self.tmp / 'results.db'}"
+        # Batches stay in this folder, and off any shared Redis (the embedded broker here).
+        env["RETINAL_BATCH_DIR"] = str(self.tmp / "batches")
+        env["RETINAL_WORKER_EMBEDDED_BROKER_DIR"] = str(self.tmp / "queue")
+        env["REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
         env.update(self.extra_env)
         self.env = env
         for name in (*BACKENDS, "gateway"):
