@@ -36,6 +36,7 @@ bench: setup
 	$(BIN)/python -m bench.vessels
 	$(BIN)/python -m bench.analysis
 	$(BIN)/python -m bench.lesions
+	$(BIN)/python -m bench.batches
 
 # A local stack under locust for 45 s, failing on any error or on a p95 over its bound.
 loadtest: setup
