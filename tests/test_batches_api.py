@@ -91,8 +91,18 @@ def test_good_and_bad_files_end_completed_with_errors_with_reasons(batches: Batc
     ]
     assert [row["error"] for row in rows[3:]] == [code for _, code in bad.values()]
 
+    # The worker's task id is the request id of its calls to the backends.
+    worker = [json.loads(line) for line in batches.workers[0].log.splitlines() if "{" in line]
+    done = [line for line in worker if line.get("message") == "batch image done"]
+    assert len({line["request_id"] for line in done}) >= 3
+    calls = [json.loads(line) for line in batches.stack.services["analysis"].log.splitlines()]
+    traced = {line.get("request_id") for line in calls if line.get("method") == "Analyze"}
+    assert {line["request_id"] for line in done} <= traced
+    metrics = httpx.get(f"{batches.url}/metrics").text
+    assert 'retinal_batch_images{state="done"}' in metrics
+
     # Ids and hashes in the logs, never the file names.
-    logs = "".join(s.log for s in batches.stack.services.values())
+    logs = "".join(s.log for s in batches.stack.services.values() if s.process is not None)
     logs += "".join(w.log for w in batches.workers)
     assert batch_id in logs
     assert not any(name in logs for name in ("good-0.png", *bad))

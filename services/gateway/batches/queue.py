@@ -77,6 +77,8 @@ class BatchQueue:
     def enqueue(self, store: ResultsStore, image_ids: list[str]) -> None:
         """Send the tasks of new images. The epoch is read first: should the broker lose its
         data after that, the tasks carry an old epoch and are sent again."""
+        if not image_ids:
+            return
         epoch = self.epoch()
         for image_id in image_ids:
             self._send(image_id)
