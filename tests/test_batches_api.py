@@ -204,3 +204,30 @@ def test_the_cli_submits_follows_and_fetches_results(batches: BatchStack, tmp_pa
     ]
     wrong = runner.invoke(app, ["batch", "status", batch_id], env={**env, "RETINAL_API_KEY": "x"})
     assert wrong.exit_code == 1
+
+
+def test_a_repeated_task_changes_nothing(batches: BatchStack) -> None:
+    from sqlalchemy import create_engine, text
+
+    from services.worker.broker import create_celery
+    from services.worker.settings import WorkerSettings
+
+    batch_id = batches.submit([("again.png", fundus_png(350))])
+    assert batches.wait_final(batch_id, 60)["state"] == "completed"
+    before = batches.results(batch_id, "jsonl").text
+    engine = create_engine(f"sqlite:///{batches.tmp / 'results.db'}")
+    with engine.connect() as connection:
+        image_id = connection.scalar(
+            text("SELECT id FROM batch_images WHERE batch_id = :b"), {"b": batch_id}
+        )
+        analyses = connection.scalar(text("SELECT count(*) FROM analyses"))
+    worker = batches.workers[0]
+    skipped = worker.log.count("batch image not queued")
+    client = create_celery(WorkerSettings(redis_url=batches.redis.url))
+    for _ in range(2):  # as a redelivery would, twice
+        client.send_task("retinal.analyze_batch_image", args=[image_id])
+    wait_until(lambda: worker.log.count("batch image not queued") == skipped + 2, 30, "the tasks")
+    with engine.connect() as connection:
+        assert connection.scalar(text("SELECT count(*) FROM analyses")) == analyses
+    engine.dispose()
+    assert batches.results(batch_id, "jsonl").text == before

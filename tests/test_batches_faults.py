@@ -84,3 +84,22 @@ def test_a_broker_restart_mid_batch_loses_nothing(batches: BatchStack) -> None:
     gateway = batches.stack.services["gateway"].log
     assert "sent lost batch images again" in gateway
     print(f"broker restart: {time.monotonic() - started:.1f} s")
+
+
+def test_a_backend_down_is_retried_with_backoff_until_it_is_back(batches: BatchStack) -> None:
+    started = time.monotonic()
+    batches.stack.services["lesion"].stop()
+    batch_id = batches.submit([(f"r{i}.png", fundus_png(400 + i)) for i in range(3)])
+    worker = batches.workers[0]
+    wait_until(lambda: worker.log.count("retrying batch image") >= 2, 30, "retries")
+    assert batches.status(batch_id)["counts"]["done"] == 0
+    batches.stack.start_backend("lesion")
+    status = batches.wait_final(batch_id, 90)
+    assert status["state"] == "completed", status
+    retries = [
+        json.loads(line)
+        for line in worker.log.splitlines()
+        if "retrying batch image" in line and line.startswith("{")
+    ]
+    assert {(r["backend"], r["code"]) for r in retries} == {("lesion", "UNAVAILABLE")}
+    print(f"backend down: {time.monotonic() - started:.1f} s")
