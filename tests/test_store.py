@@ -159,7 +159,7 @@ def test_a_batch_moves_through_its_states_and_only_its_tenant_sees_it(store_url:
 
     claimed = store.claim_image(ids[0], lease_s=60)
     assert claimed is not None and claimed.tenant == "clinic-a" and claimed.position == 0
-    assert claimed.options["pixel_size_um"] == 6.5
+    assert claimed.options["pixel_size_um"] == 6.5 and claimed.attempts == 1
     assert store.claim_image(ids[0], lease_s=60) is None  # a redelivered message: no-op
     assert store.get_batch("clinic-a", batch_id).state == BatchState.RUNNING
     saved = store.save_analysis("clinic-a", "key-0", _findings(), {})
@@ -225,6 +225,6 @@ def test_lost_images_are_found_and_requeued_once(store_url: str) -> None:
     lost = store.lost_images("epoch-2", unsent_grace_s=0)
     assert [(image.id, image.state) for image in lost] == [(ids[1], ImageState.RUNNING)]
     assert store.requeue(lost[0], "epoch-2")
-    assert store.claim_image(ids[1], lease_s=60) is not None
+    assert store.claim_image(ids[1], lease_s=60).attempts == 2
     assert store.lost_images("epoch-2", unsent_grace_s=0) == []
     store.close()

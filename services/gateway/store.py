@@ -212,6 +212,7 @@ class ClaimedImage:
     tenant: str
     position: int
     options: dict[str, Any]
+    attempts: int  # claims so far, this one included
 
 
 @dataclass(frozen=True)
@@ -462,13 +463,18 @@ class ResultsStore:
             if not claimed:
                 return None
             row = connection.execute(
-                select(batch_images.c.batch_id, batch_images.c.position, batches.c.tenant)
-                .add_columns(batches.c.options)
+                select(
+                    batch_images.c.batch_id,
+                    batch_images.c.position,
+                    batch_images.c.attempts,
+                    batches.c.tenant,
+                    batches.c.options,
+                )
                 .join(batches, batches.c.id == batch_images.c.batch_id)
                 .where(batch_images.c.id == image_id)
             ).one()
         return ClaimedImage(
-            image_id, row.batch_id, row.tenant, row.position, json.loads(row.options)
+            image_id, row.batch_id, row.tenant, row.position, json.loads(row.options), row.attempts
         )
 
     def _settle(self, image_id: str, **values: Any) -> bool:

@@ -36,4 +36,7 @@ class WorkerSettings(BaseSettings):
     # How long a claimed batch image is held: past it, the gateway's reconciler takes the
     # worker for dead and queues the image again. Longer than any one analysis.
     task_lease_s: float = Field(default=600.0, gt=0)
+    # Claims of one batch image (retries included) before it fails as `too_many_attempts`:
+    # an image that kills every worker that takes it must not loop forever.
+    max_attempts: int = Field(default=10, ge=1)
     log_level: str = "INFO"

@@ -58,6 +58,11 @@ async def _backends() -> AsyncIterator[pipeline.Backends]:
         )
 
 
+def _countdown(retries: int) -> float:
+    """Seconds before the next try: exponential backoff (1, 2, 4, ... 60 s) with jitter."""
+    return min(60.0, 2.0**retries) * random.uniform(0.5, 1.5)
+
+
 async def _analyze_file(path: Path, pixel_size_um: float | None, request_id: str) -> dict[str, Any]:
     image = ingest(path.read_bytes(), pixel_size_um=pixel_size_um)
     async with _backends() as backends:
@@ -81,9 +86,8 @@ def analyze_image(self: Task, path: str, pixel_size_um: float | None = None) -> 
         return {"status": "failed", "error": {"code": "unreadable", "detail": error.strerror}}
     except pipeline.BackendError as error:
         if error.code in TRANSIENT and self.request.retries < self.max_retries:
-            countdown = min(60.0, 2.0**self.request.retries) * random.uniform(0.5, 1.5)
             logger.warning("retrying", extra={"backend": error.service, "code": error.code.name})
-            raise self.retry(exc=error, countdown=countdown) from error
+            raise self.retry(exc=error, countdown=_countdown(self.request.retries)) from error
         return {
             "status": "failed",
             "error": {"code": error.code.name.lower(), "detail": str(error)},
@@ -130,6 +134,11 @@ def analyze_batch_image(self: Task, image_id: str) -> None:
         logger.info("batch image not queued: nothing to do", extra=ids)
         return
     ids["batch_id"] = image.batch_id
+    if image.attempts > settings.max_attempts:
+        detail = f"claimed {image.attempts} times without an outcome (its workers died)"
+        store.fail_image(image_id, "too_many_attempts", detail)
+        logger.error("batch image given up", extra={**ids, "attempts": image.attempts})
+        return
     try:
         analysis_id = asyncio.run(_analyze_claimed(image, self.request.id))
     except ImageRejected as error:
@@ -142,7 +151,7 @@ def analyze_batch_image(self: Task, image_id: str) -> None:
         return
     except pipeline.BackendError as error:
         if error.code in TRANSIENT and self.request.retries < self.max_retries:
-            countdown = min(60.0, 2.0**self.request.retries) * random.uniform(0.5, 1.5)
+            countdown = _countdown(self.request.retries)
             store.release_image(image_id, countdown + settings.task_lease_s)
             logger.warning(
                 "retrying batch image",

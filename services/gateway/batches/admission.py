@@ -50,9 +50,13 @@ class BatchRefused(Exception):
         self.detail = detail
 
 
+def _file_name(position: int) -> str:
+    return f"{position:06d}"
+
+
 def image_path(batch_dir: Path, batch_id: str, position: int) -> Path:
     """Where the bytes of a batch's image are kept (the gateway writes, workers read)."""
-    return batch_dir / batch_id / f"{position:06d}"
+    return batch_dir / batch_id / _file_name(position)
 
 
 def _is_archive(data: bytes) -> bool:
@@ -115,8 +119,7 @@ class _Admitter:
             self._row(name, ImageState.FAILED, error.code, error.detail)
             return
         position = len(self.images)
-        path = self.folder / f"{position:06d}"
-        path.write_bytes(data)
+        (self.folder / _file_name(position)).write_bytes(data)
         digest = hashlib.sha256(data).hexdigest()
         self.images.append(NewImage(position, name, ImageState.QUEUED, digest))
 
