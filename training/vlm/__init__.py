@@ -1,0 +1,1 @@
+"""The vision-language side of RetinalGPT: the mini checkpoint, export in vLLM's layout."""
