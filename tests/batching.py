@@ -39,7 +39,7 @@ class BatchStack:
                 "RETINAL_GATEWAY_API_KEYS": ",".join(f"{t}:{digest(k)}" for t, k in KEYS.items()),
                 "RETINAL_GATEWAY_BATCH_RECONCILE_INTERVAL_S": "1",
                 "RETINAL_GATEWAY_BATCH_UNSENT_GRACE_S": "3",
-                "RETINAL_WORKER_TASK_LEASE_S": "15",
+                "RETINAL_WORKER_TASK_LEASE_S": "8",
             },
         )
 
