@@ -36,7 +36,7 @@ QUEUE_DEPTH = Gauge("retinal_language_queue_depth", "Conversations waiting for t
 ACTIVE = Gauge("retinal_language_active_generations", "Conversations being generated")
 FIRST_TOKEN = Histogram(
     "retinal_language_time_to_first_token_seconds",
-    "From admission to the model's first token",
+    "From admission (queueing included) to the model's first token",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
 )
 UNGROUNDED = Counter("retinal_language_unmeasured_values_total", "Values repaired in answers")
@@ -117,6 +117,7 @@ class ChatEngine:
         """Grounded text, a sentence at a time; `turn` holds the report and usage after."""
         if self._slots.locked() and self._waiting >= self._max_queue:
             raise Busy
+        admitted = time.perf_counter()
         self._waiting += 1
         QUEUE_DEPTH.inc()
         try:
@@ -126,14 +127,13 @@ class ChatEngine:
             QUEUE_DEPTH.dec()
         ACTIVE.inc()
         try:
-            async for text in self._generate(turn):
+            async for text in self._generate(turn, admitted):
                 yield text
         finally:
             ACTIVE.dec()
             self._slots.release()
 
-    async def _generate(self, turn: _Turn) -> AsyncIterator[str]:
-        started = time.perf_counter()
+    async def _generate(self, turn: _Turn, admitted: float) -> AsyncIterator[str]:
         pending = ""
         deltas: AsyncIterator[Delta] = self.backend.generate(turn.generation)
         try:
@@ -144,7 +144,7 @@ class ChatEngine:
                 if not delta.text:
                     continue
                 if not turn.first_token_ms:
-                    turn.first_token_ms = (time.perf_counter() - started) * 1000
+                    turn.first_token_ms = (time.perf_counter() - admitted) * 1000
                     FIRST_TOKEN.observe(turn.first_token_ms / 1000)
                 pending += delta.text
                 boundaries = list(_BOUNDARY.finditer(pending))
