@@ -44,8 +44,9 @@ class LocalStack:
                 stderr=subprocess.STDOUT,
             )
 
-    def wait_ready(self, timeout_s: float = 120.0) -> dict[str, str]:
-        """Poll /readyz until every backend serves; raise with the last status otherwise."""
+    def wait_ready(self, timeout_s: float = 420.0) -> dict[str, str]:
+        """Poll /readyz until every backend serves (the language model loads in about a minute on
+        a CPU); raise with the last status otherwise."""
         deadline = time.monotonic() + timeout_s
         last: dict[str, str] = {}
         while time.monotonic() < deadline:

@@ -29,7 +29,7 @@ def test_retinal_up_starts_every_service_and_prints_the_example_findings(tmp_pat
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "all services ready" in done.stderr

@@ -164,9 +164,18 @@ def test_messages_over_the_size_limit_are_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", BACKENDS)
 def test_sigterm_stops_gracefully(tmp_path: Path, name: str) -> None:
     port = free_port()
-    env = {**os.environ, f"RETINAL_{name.upper()}_PORT": str(port)}
+    env = {
+        **os.environ,
+        f"RETINAL_{name.upper()}_PORT": str(port),
+        # the vLLM sidecar's own shutdown is tested in test_language_service
+        "RETINAL_LANGUAGE_BACKEND": "transformers",
+    }
     service = ServiceProcess(name, env, tmp_path / f"{name}.log")
     service.start()
-    wait_until(lambda: grpc_serving(f"127.0.0.1:{port}"), 30, name)
+    try:
+        wait_until(lambda: grpc_serving(f"127.0.0.1:{port}"), 30, name)
+    except TimeoutError:
+        service.stop(signal.SIGKILL)
+        raise
     assert service.stop(signal.SIGTERM, timeout_s=15) == 0
     assert '"message": "stopped"' in service.log

@@ -11,6 +11,10 @@ from pydantic_settings import SettingsConfigDict
 from services.language.prompting import PromptFamily
 from shared.config import GrpcServiceSettings
 
+# Where `make setup` puts the mini model and vLLM's environment: the checkout, whatever the
+# working directory.
+CHECKOUT = Path(__file__).resolve().parents[2]
+
 
 class LanguageSettings(GrpcServiceSettings):
     model_config = SettingsConfigDict(env_prefix="RETINAL_LANGUAGE_", extra="ignore")
@@ -20,7 +24,7 @@ class LanguageSettings(GrpcServiceSettings):
 
     # A LLaVA-family checkpoint in the HF layout (RetinalGPT-mini by default; `make setup`
     # assembles it); its retinal_model.json, when present, is the model card.
-    model_dir: Path = Path("var/models/retinalgpt-mini")
+    model_dir: Path = CHECKOUT / "var" / "models" / "retinalgpt-mini"
     # How conversations are rendered: the checkpoint's chat template, or the LLaVA v0
     # "simple" template of the published RetinalGPT weights. Unset: the model card's
     # `prompt_family`, else "chat".
@@ -32,7 +36,7 @@ class LanguageSettings(GrpcServiceSettings):
     # vLLM: a running OpenAI-compatible server, or the Python (with vLLM installed) that runs
     # one as a sidecar.
     vllm_url: str = ""
-    vllm_python: str = ".venv-vllm/bin/python"
+    vllm_python: str = str(CHECKOUT / ".venv-vllm" / "bin" / "python")
     # Extra arguments of vLLM's server. CPU default: fp32, no CUDA graphs, short context. On a GPU,
     # e.g. '["--dtype", "bfloat16", "--max-model-len", "4096"]'.
     vllm_args: list[str] = Field(
