@@ -53,9 +53,14 @@ def workloads() -> dict[str, dict[str, Any]]:
     return {**of_kind("Deployment"), **of_kind("StatefulSet")}
 
 
+def containers(workload: str) -> list[dict[str, Any]]:
+    return list(workloads()[workload]["spec"]["template"]["spec"]["containers"])
+
+
 def container(name: str) -> dict[str, Any]:
-    (only,) = workloads()[name]["spec"]["template"]["spec"]["containers"]
-    return only
+    """The workload's container of the same name (the language pod also runs a vLLM sidecar)."""
+    (found,) = [c for c in containers(name) if c["name"] == name]
+    return found
 
 
 def config() -> dict[str, str]:
@@ -141,13 +146,23 @@ def test_services_select_pods_and_autoscalers_scale_deployments() -> None:
 
 
 def test_the_language_service_gets_a_gpu_on_gpu_nodes() -> None:
-    resources = container("language")["resources"]
-    assert resources["limits"]["nvidia.com/gpu"] == 1
+    """vLLM's server is the pod's sidecar with the GPU; the service talks to it on localhost
+    and reads the same checkpoint folder (its model card)."""
+    (vllm,) = [c for c in containers("language") if c["name"] == "vllm"]
+    assert vllm["resources"]["limits"]["nvidia.com/gpu"] == 1
     spec = workloads()["language"]["spec"]["template"]["spec"]
     assert spec["nodeSelector"] and spec["tolerations"][0]["key"] == "nvidia.com/gpu"
+    env = {e["name"]: e["value"] for e in container("language")["env"]}
+    assert env["RETINAL_LANGUAGE_BACKEND"] == "vllm"
+    port = next(a for a in vllm["args"] if a.startswith("--port=")).partition("=")[2]
+    assert env["RETINAL_LANGUAGE_VLLM_URL"] == f"http://127.0.0.1:{port}"
+    model = next(a for a in vllm["args"] if a.startswith("--model=")).partition("=")[2]
+    served = next(a for a in vllm["args"] if a.startswith("--served-model-name="))
+    assert env["RETINAL_LANGUAGE_MODEL_DIR"] == model and served.endswith(Path(model).name)
 
 
 def test_every_container_has_requests_and_limits() -> None:
     for name in workloads():
-        resources = container(name)["resources"]
-        assert {"cpu", "memory"} <= set(resources["requests"]) & set(resources["limits"]), name
+        for each in containers(name):
+            resources = each["resources"]
+            assert {"cpu", "memory"} <= set(resources["requests"]) & set(resources["limits"]), name
