@@ -15,6 +15,7 @@ from services.gateway.analyses.api_router import router as analyses_router
 from services.gateway.backends import BackendChannels
 from services.gateway.batches.api_router import router as batches_router
 from services.gateway.batches.queue import BatchQueue, reconcile_forever
+from services.gateway.chat.api_router import router as chat_router
 from services.gateway.health.api_router import router as health_router
 from services.gateway.models.api_router import router as models_router
 from services.gateway.observability import install_middleware
@@ -65,13 +66,17 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     app.state.ingest_limits = IngestLimits(max_bytes=settings.max_upload_bytes)
     app.state.api_keys = KeyRing(settings.api_keys, settings.api_keys_file)
     app.state.rate_limits = RateLimits(
-        settings.rate_limit_storage, settings.rate_limit_analyses, settings.rate_limit_requests
+        settings.rate_limit_storage,
+        settings.rate_limit_analyses,
+        settings.rate_limit_chats,
+        settings.rate_limit_requests,
     )
     install_middleware(app)
     install_handlers(app)
     app.include_router(health_router)
     app.include_router(analyses_router)
     app.include_router(batches_router)
+    app.include_router(chat_router)
     app.include_router(models_router)
     # The web console: static files, mounted last so that every API route comes first.
     app.mount("/", StaticFiles(directory=CONSOLE, html=True), name="console")

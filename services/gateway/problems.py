@@ -68,8 +68,8 @@ _BACKEND_PROBLEMS: dict[grpc.StatusCode, tuple[int, str, str]] = {
 }
 
 
-def problem_response(request: Request, problem: Problem) -> JSONResponse:
-    body = ProblemDetails(
+def problem_details(request: Request, problem: Problem) -> ProblemDetails:
+    return ProblemDetails(
         type=f"/problems/{problem.code}",
         title=problem.title,
         status=problem.status,
@@ -77,6 +77,10 @@ def problem_response(request: Request, problem: Problem) -> JSONResponse:
         code=problem.code,
         instance=request.url.path,
     )
+
+
+def problem_response(request: Request, problem: Problem) -> JSONResponse:
+    body = problem_details(request, problem)
     headers = {"Retry-After": "5"} if problem.status == 503 else {}
     headers.update(problem.headers)
     return JSONResponse(
@@ -94,6 +98,9 @@ def from_image_rejected(error: ImageRejected) -> Problem:
 
 
 def from_backend_error(error: BackendError) -> Problem:
+    if error.service == "language" and error.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        # Every generation slot and queue place is taken: a short wait is the cure.
+        return Problem(503, "language-busy", "The language model is busy", error.detail)
     status, code, title = _BACKEND_PROBLEMS.get(
         error.code, (502, "backend-error", "A backend service failed")
     )

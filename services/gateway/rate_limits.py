@@ -1,6 +1,7 @@
 """Per-tenant rate limits (moving window, the `limits` library): 429 problem+json past them.
 
-Two budgets: analyses (each one costs seconds of backend CPU) and everything else under /v1.
+Three budgets: analyses (each one costs seconds of backend CPU), chats (answers of the
+language model, seconds of generation each) and everything else under /v1.
 The counters live in `RETINAL_GATEWAY_RATE_LIMIT_STORAGE`: `memory://` (one gateway process)
 or `redis://host:port/db` (shared by every replica).
 """
@@ -17,13 +18,17 @@ from limits import parse, storage, strategies
 from services.gateway.problems import Problem
 from services.gateway.tenants import current_tenant
 
-Budget = Literal["analyses", "requests"]
+Budget = Literal["analyses", "chats", "requests"]
 
 
 class RateLimits:
-    def __init__(self, storage_url: str, analyses: str, requests: str) -> None:
+    def __init__(self, storage_url: str, analyses: str, chats: str, requests: str) -> None:
         self.limiter = strategies.MovingWindowRateLimiter(storage.storage_from_string(storage_url))
-        self.items = {"analyses": parse(analyses), "requests": parse(requests)}
+        self.items = {
+            "analyses": parse(analyses),
+            "chats": parse(chats),
+            "requests": parse(requests),
+        }
 
     def take(self, tenant: str, budget: Budget) -> None:
         """Count one request of `tenant` against `budget`; Problem 429 when it is spent."""
@@ -51,4 +56,5 @@ def _quota(budget: Budget):  # type: ignore[no-untyped-def]
 
 # Use these instead of `Tenant` on routes: they authenticate, then count.
 AnalysisTenant = Annotated[str, Depends(_quota("analyses"))]
+ChatTenant = Annotated[str, Depends(_quota("chats"))]
 RequestTenant = Annotated[str, Depends(_quota("requests"))]

@@ -34,6 +34,7 @@ class GatewaySettings(BaseSettings):
     # Per-tenant rate limits ("N/second|minute|hour"); counters in memory or in Redis.
     rate_limit_analyses: str = "120/minute"
     rate_limit_requests: str = "1200/minute"
+    rate_limit_chats: str = "60/minute"  # answers of the language model (/v1/chat...)
     rate_limit_storage: str = "memory://"
     # Batches (the queue is the worker's: REDIS_URL, RETINAL_WORKER_EMBEDDED_BROKER_DIR).
     # Each batch's files are kept under batch_dir/<batch id>/, which the workers read too.
@@ -53,6 +54,11 @@ class GatewaySettings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return self.max_upload_mb * MIB
+
+    @property
+    def chat_max_body_bytes(self) -> int:
+        """A chat request's JSON: an upload's worth of base64 image, and 1 MiB of messages."""
+        return self.max_upload_bytes * 4 // 3 + MIB
 
     @property
     def max_message_bytes(self) -> int:

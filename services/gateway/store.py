@@ -4,7 +4,9 @@ One SQLAlchemy Core schema; the URL picks the database: a SQLite file by default
 (`sqlite:///var/gateway/results.db`), PostgreSQL with `postgresql+psycopg://...`. Every read
 takes the tenant, so another tenant's id is simply not found. An analysis is also found by
 its cache key (image content hash, options and model versions), unique per tenant: the same
-image analysed twice by the same models is one stored result.
+image analysed twice by the same models is one stored result. Beside each analysis is its
+chat image: the field-of-view crop, downscaled, as PNG, which the assistant (/v1/chat) is
+shown with the findings (the upload itself is not kept).
 
 A batch is a row in `batches` and one row per input file in `batch_images`, whose `state`
 is the truth the queue only carries out (see ImageState): a message the broker loses is sent
@@ -17,6 +19,7 @@ Calls are blocking (the gateway runs them in a thread); each opens its own short
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import uuid
@@ -75,6 +78,19 @@ overlays = Table(
         primary_key=True,
     ),
     Column("layer", String(32), primary_key=True),
+    Column("png", LargeBinary, nullable=False),
+)
+
+# One per analysis: what the language model sees of the photograph (see chat_image_png).
+chat_images = Table(
+    "chat_images",
+    metadata,
+    Column(
+        "analysis_id",
+        String(36),
+        ForeignKey("analyses.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
     Column("png", LargeBinary, nullable=False),
 )
 
@@ -145,6 +161,7 @@ class StoredAnalysis:
     created_at: dt.datetime
     findings: Findings
     overlay_layers: tuple[str, ...]
+    has_chat_image: bool = False
 
 
 @dataclass(frozen=True)
@@ -272,8 +289,10 @@ class ResultsStore:
         cache_key: str,
         found: Findings,
         rendered: Mapping[str, bytes],
+        chat_image: bytes | None = None,
     ) -> StoredAnalysis:
-        """Store a new analysis; if the tenant already has this cache key, return that one."""
+        """Store a new analysis (with its chat image PNG, when given); if the tenant already
+        has this cache key, return that one."""
         analysis_id = str(uuid.uuid4())
         created = dt.datetime.now(dt.UTC)
         try:
@@ -295,12 +314,16 @@ class ResultsStore:
                             for layer, png in rendered.items()
                         ],
                     )
+                if chat_image is not None:
+                    connection.execute(
+                        insert(chat_images).values(analysis_id=analysis_id, png=chat_image)
+                    )
         except IntegrityError:  # a concurrent request stored the same result first
             existing = self.find_cached(tenant, cache_key)
             if existing is None:
                 raise
             return existing
-        return StoredAnalysis(analysis_id, created, found, tuple(rendered))
+        return StoredAnalysis(analysis_id, created, found, tuple(rendered), chat_image is not None)
 
     def _load(self, condition: object) -> StoredAnalysis | None:
         with self.engine.connect() as connection:
@@ -312,8 +335,15 @@ class ResultsStore:
                 .where(overlays.c.analysis_id == row.id)
                 .order_by(overlays.c.layer)
             ).all()
+            has_chat_image = connection.scalar(
+                select(func.count()).where(chat_images.c.analysis_id == row.id)
+            )
         return StoredAnalysis(
-            row.id, _utc(row.created_at), Findings.model_validate_json(row.findings), tuple(layers)
+            row.id,
+            _utc(row.created_at),
+            Findings.model_validate_json(row.findings),
+            tuple(layers),
+            bool(has_chat_image),
         )
 
     def get_analysis(self, tenant: str, analysis_id: str) -> StoredAnalysis | None:
@@ -331,6 +361,20 @@ class ResultsStore:
                 & (overlays.c.analysis_id == analysis_id)
                 & (overlays.c.layer == layer)
             )
+        )
+        with self.engine.connect() as connection:
+            return connection.scalar(query)
+
+    def keep_chat_image(self, analysis_id: str, png: bytes) -> None:
+        """Give an analysis stored without one its chat image (a concurrent writer may win)."""
+        with contextlib.suppress(IntegrityError), self.engine.begin() as connection:
+            connection.execute(insert(chat_images).values(analysis_id=analysis_id, png=png))
+
+    def get_chat_image(self, tenant: str, analysis_id: str) -> bytes | None:
+        query = (
+            select(chat_images.c.png)
+            .join(analyses, analyses.c.id == chat_images.c.analysis_id)
+            .where((analyses.c.tenant == tenant) & (chat_images.c.analysis_id == analysis_id))
         )
         with self.engine.connect() as connection:
             return connection.scalar(query)

@@ -1,5 +1,5 @@
 // RetinalGPT console: one photograph through POST /v1/analyses, its overlays, measurements,
-// lesions and assessment. Plain browser JavaScript, no framework, no network beyond the gateway.
+// lesions and assessment, and a conversation about it (POST /v1/chat, streamed). Plain browser JavaScript, no framework, no network beyond the gateway.
 "use strict";
 
 const LAYERS = ["combined", "vessels", "disc", "zones", "fovea", "lesions", "ma", "he", "ex", "se"];
@@ -144,6 +144,103 @@ async function showOverlays(overlays) {
   }
 }
 
+// The conversation about the analysis shown: [{role, content}], sent whole with each question.
+let chat = { analysisId: null, messages: [] };
+
+function say(role, text) {
+  const item = document.createElement("li");
+  item.className = role;
+  item.textContent = text;
+  $("#conversation").appendChild(item);
+  return item;
+}
+
+// The final answer, its grounded values marked: measured ones (with their findings key) and
+// the "not measured" the grounding check put where the model stated an unmeasured number.
+function markGrounded(item, answer, grounding) {
+  const measured = grounding.values.filter((v) => v.measured);
+  const marks = [
+    ...measured.map((v) => ({ text: v.text, className: "measured", title: v.findings_key })),
+    { text: "not measured", className: "unmeasured", title: "no measurement supports it" },
+  ];
+  item.replaceChildren();
+  let rest = answer;
+  while (rest) {
+    let next = null;
+    for (const mark of marks) {
+      const at = rest.indexOf(mark.text);
+      if (mark.text && at >= 0 && (!next || at < next.at)) next = { ...mark, at };
+    }
+    if (!next) break;
+    item.append(rest.slice(0, next.at));
+    const span = document.createElement("mark");
+    span.className = next.className;
+    span.title = next.title;
+    span.textContent = next.text;
+    item.appendChild(span);
+    rest = rest.slice(next.at + next.text.length);
+  }
+  item.append(rest);
+  if (grounding.repaired) {
+    const note = document.createElement("small");
+    note.textContent = ` (${grounding.unmatched} unmeasured value(s) repaired)`;
+    item.appendChild(note);
+  }
+}
+
+// POST /v1/chat with stream=true; server-sent events: delta {text}, done {answer, grounding},
+// error {problem details}.
+async function ask(event) {
+  event.preventDefault();
+  const question = $("#question").value.trim();
+  if (!question || !chat.analysisId) return;
+  chat.messages.push({ role: "user", content: question });
+  say("user", question);
+  $("#question").value = "";
+  const item = say("assistant", "…");
+  const response = await fetch("/v1/chat", {
+    method: "POST",
+    headers: { ...authHeaders(), "Content-Type": "application/json" },
+    body: JSON.stringify({ analysis_id: chat.analysisId, messages: chat.messages, stream: true }),
+  });
+  if (!response.ok) {
+    chat.messages.pop();
+    item.textContent = await problemText(response);
+    return;
+  }
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  let streamed = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += value;
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      const kind = (block.match(/^event: *(.*)$/m) || [])[1] || "message";
+      const data = block
+        .split("\n")
+        .filter((line) => line.startsWith("data:"))
+        .map((line) => line.slice(5).trim())
+        .join("\n");
+      if (!data) continue;
+      const payload = JSON.parse(data);
+      if (kind === "delta") {
+        streamed += payload.text;
+        item.textContent = streamed;
+      } else if (kind === "done") {
+        chat.messages.push({ role: "assistant", content: payload.answer });
+        markGrounded(item, payload.answer, payload.grounding);
+      } else if (kind === "error") {
+        chat.messages.pop();
+        item.textContent = `${payload.title}: ${payload.detail || ""}`;
+      }
+    }
+  }
+}
+
 async function analyse(event) {
   event.preventDefault();
   sessionStorage.setItem("retinal-api-key", $("#api-key").value.trim());
@@ -165,6 +262,8 @@ async function analyse(event) {
   fillTable("#lesions", lesionRows(result.findings));
   showAssessment(result.findings.assessment);
   $("#fhir-link").href = `/v1/analyses/${result.id}/fhir`;
+  chat = { analysisId: result.id, messages: [] };
+  $("#conversation").replaceChildren();
   $("#result").hidden = false;
   await showOverlays(result.overlays);
   setStatus(`Done (analysis ${result.id}${result.cached ? ", stored result" : ""}).`);
@@ -174,5 +273,8 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#api-key").value = sessionStorage.getItem("retinal-api-key") || "";
   $("#upload").addEventListener("submit", (event) => {
     analyse(event).catch((error) => setStatus(`Error: ${error.message}`));
+  });
+  $("#ask").addEventListener("submit", (event) => {
+    ask(event).catch((error) => setStatus(`Error: ${error.message}`));
   });
 });
