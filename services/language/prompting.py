@@ -48,6 +48,9 @@ def _join(facts: list[Fact]) -> str:
     return "; ".join(f"{fact.label} {fact.text}" for fact in facts)
 
 
+_ZONE_QUANTITIES = {"crae", "crve", "avr", "fractal_dimension", "vessel_density", "average_width"}
+# Lesions listed one by one (largest first); the rest are counted.
+MAX_LESIONS_DESCRIBED = 5
 _VESSEL_GROUPS = {
     findings.VesselType.ALL: "all vessels",
     findings.VesselType.ARTERY: "arteries",
@@ -56,10 +59,17 @@ _VESSEL_GROUPS = {
 
 
 def _vessel_lines(facts: list[Fact]) -> list[str]:
-    """Per region, each quantity once: "fractal dimension: all vessels 1.482, arteries 1.371"."""
+    """Per region, each quantity once: "fractal dimension: all vessels 1.482, arteries 1.371".
+
+    Zones B and C keep the quantities read there clinically (calibres, fractal dimension,
+    density, width); their tortuosities, counts and angles stay out of the prompt, which must
+    fit a small model's context.
+    """
     by_region: dict[findings.Region, dict[str, list[str]]] = defaultdict(dict)
     for fact in facts:
         if not fact.key.startswith("vessels.") or fact.region is None:
+            continue
+        if fact.region is not findings.Region.WHOLE and fact.quantity not in _ZONE_QUANTITIES:
             continue
         if fact.quantity in ("crae", "crve", "avr"):
             by_region[fact.region].setdefault(fact.label, []).append(fact.text)
@@ -88,7 +98,9 @@ def _lesion_lines(result: findings.Findings, boxes: list[BoxFact]) -> list[str]:
     missing = [LESION_NAMES[t] + "s" for t in findings.LesionType if t not in assessed]
     if missing:
         lines.append(f"Not assessed (no lesion model result): {', '.join(missing)}.")
-    for lesion, box in zip(result.lesions, boxes, strict=False):
+    boxed = [(lesion, box) for lesion, box in zip(result.lesions, boxes, strict=False)]
+    boxed.sort(key=lambda pair: -pair[0].area_px)
+    for lesion, box in boxed[:MAX_LESIONS_DESCRIBED]:
         name = LESION_NAMES[lesion.type] if lesion.type else "lesion"
         where = []
         if lesion.position is not None:
