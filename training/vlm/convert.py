@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file
 from transformers import (
     AddedToken,
@@ -111,7 +111,9 @@ class OriginalLlava(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    architectures: list[Literal["LlavaLlamaForCausalLM", "LlavaMistralForCausalLM"]]
+    architectures: list[Literal["LlavaLlamaForCausalLM", "LlavaMistralForCausalLM"]] = Field(
+        min_length=1, max_length=1
+    )
     mm_vision_tower: str | None = None
     mm_hidden_size: int | None = None
     mm_projector_type: Literal["linear", "mlp2x_gelu"] = "linear"
@@ -286,8 +288,9 @@ def mistral_chat_template(image_part: str) -> str:
 def build(
     source: Path, vision_tower: Path | None = None
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor, PromptFamily, str]:
-    """The converted model (on CPU, in the source's dtype), its processor, prompt family and
-    the source architecture."""
+    """The converted model (the source's weights and dtype, on CPU; buffers the model computes
+    itself, such as rotary frequencies, are left unmaterialised: it is for saving, load the
+    saved folder to run it), its processor, prompt family and the source architecture."""
     raw = json.loads((source / "config.json").read_text())
     try:
         original = OriginalLlava.model_validate(raw)
@@ -298,6 +301,8 @@ def build(
     architecture = original.architectures[0]
     config_class, family = TEXT_MODELS[architecture]
     weights = read_weights(source)
+    if "model.embed_tokens.weight" not in weights:
+        raise ConversionError(f"{source}: no model.embed_tokens.weight: not a LLaVA checkpoint")
     dtype = weights["model.embed_tokens.weight"].dtype
 
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -327,7 +332,7 @@ def build(
         vision_config=vision_config,
         text_config=text_config,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=grid**2 + (strategy == "full"),
+        image_seq_length=grid**2 + (1 if strategy == "full" else 0),
         vision_feature_layer=original.mm_vision_select_layer,
         vision_feature_select_strategy=strategy,
         projector_hidden_act=activation,
