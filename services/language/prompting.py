@@ -32,14 +32,17 @@ class PromptFamily(StrEnum):
 # LLaVA v0's conv "simple" (SeparatorStyle.SINGLE, sep "###"), as a chat template; image parts
 # become the "<image>" placeholder the processor expands.
 RETINALGPT_V0_TEMPLATE = (
+    "{{ bos_token }}"
     "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] }}###"
-    "{% else %}{{ 'Human' if message['role'] == 'user' else 'Assistant' }}: "
+    "{% if message['role'] != 'system' %}"
+    "{{ 'Human' if message['role'] == 'user' else 'Assistant' }}: {% endif %}"
+    # vLLM hands every message's content over as parts once a template loops over parts,
+    # the system message's too: render strings and parts alike.
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
     "{% if part['type'] in ['image', 'image_url'] %}<image>\n"
     "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}###"
-    "{% endif %}{% endfor %}"
+    "{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )
 

@@ -61,7 +61,10 @@ class TransformersBackend:
             add_generation_prompt=True,
         )
         images = [generation.image] if generation.image is not None else None
-        return self._processor(images=images, text=prompt, return_tensors="pt").to(self._device)
+        # The template wrote any special tokens itself (as vLLM renders it): add none.
+        return self._processor(
+            images=images, text=prompt, add_special_tokens=False, return_tensors="pt"
+        ).to(self._device)
 
     async def generate(self, generation: Generation) -> AsyncIterator[Delta]:
         assert self._model is not None, "start() first"
