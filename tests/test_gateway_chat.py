@@ -307,26 +307,32 @@ def test_busy_language_model_is_503_and_a_client_leaving_a_stream_cancels_it(
         "Describe every measurement of this photograph in detail, one sentence each, and "
         "explain what each one means for the patient."
     )
-    body = {
-        "analysis_id": analysis_id,
-        "messages": [{"role": "user", "content": long_answer}],
-        "max_tokens": 600,
-        "temperature": 0,
-        "stream": True,
-    }
-    with httpx.stream(
-        "POST", f"{chat_stack.url}/v1/chat", json=body, headers=_auth("clinic-a"), timeout=120
-    ) as reply:
-        assert reply.status_code == 200
-        for line in reply.iter_lines():
-            if line.startswith("event: delta"):
-                break
-        assert active() == 1.0
+    body = json.dumps(
+        {
+            "analysis_id": analysis_id,
+            "messages": [{"role": "user", "content": long_answer}],
+            "max_tokens": 200,
+            "temperature": 0,
+            "stream": True,
+        }
+    ).encode()
+    head = (
+        f"POST /v1/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {KEYS['clinic-a']}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    # A raw connection: the client can leave at any moment, whatever the model has said.
+    client = socket.create_connection(("127.0.0.1", chat_stack.ports["gateway"]))
+    try:
+        client.sendall(head + body)
+        wait_until(lambda: active() == 1.0, 60, "the generation to start")
         busy = _chat(chat_stack, _question(analysis_id=analysis_id, max_tokens=4))
         _is_problem(busy, 503, "language-busy")
         assert int(busy.headers["Retry-After"]) > 0
-    # The client is gone: the gateway cancels the gRPC stream and the model stops.
-    wait_until(lambda: active() == 0.0, 15, "the generation to stop")
+    finally:
+        client.close()
+    # The client is gone: the gateway cancels the gRPC stream (at the latest once the first
+    # sentence arrives) and the model stops.
+    wait_until(lambda: active() == 0.0, 90, "the generation to stop")
     assert "chat stream cancelled" in chat_stack.services["gateway"].log
 
 
