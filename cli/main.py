@@ -49,6 +49,36 @@ def _example_image() -> Path:
     return path
 
 
+EXAMPLE_QUESTION = "Summarise this image's findings: quality, vessels, optic disc and lesions."
+
+
+def _ask_about(gateway_url: str, analysis_id: str) -> None:
+    """One question to the assistant about the analysed example; its grounded answer on
+    stderr (stdout keeps the findings document alone)."""
+    reply = httpx.post(
+        f"{gateway_url}/v1/chat",
+        json={
+            "analysis_id": analysis_id,
+            "messages": [{"role": "user", "content": EXAMPLE_QUESTION}],
+            "max_tokens": 96,
+        },
+        timeout=300.0,
+    )
+    if not reply.is_success:
+        typer.echo(f"the assistant did not answer: {reply.text}", err=True)
+        raise typer.Exit(1)
+    answer = reply.json()
+    grounding = answer["grounding"]
+    typer.echo(
+        f"\nYou: {EXAMPLE_QUESTION}\nRetinalGPT ({answer['model']}): {answer['answer']}", err=True
+    )
+    typer.echo(
+        f"(grounding: {len(grounding['values'])} values checked, {grounding['unmatched']} "
+        "unmeasured and repaired)\n",
+        err=True,
+    )
+
+
 @app.command()
 def up(
     image: Annotated[
@@ -59,7 +89,7 @@ def up(
     ] = False,
 ) -> None:
     """Run every service as a local process (the embedded CPU default), analyse an example
-    image, print its findings, and keep the API up until Ctrl-C."""
+    image, print its findings, ask the assistant about it, and keep the API up until Ctrl-C."""
     configure_logging("launcher")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     stack = LocalStack(log_dir=VAR / "logs")
@@ -84,6 +114,7 @@ def up(
         typer.echo(json.dumps(reply.json(), indent=2))
         if not reply.is_success:
             raise typer.Exit(1)
+        _ask_about(stack.gateway_url, reply.json()["id"])
         if exit_after_example:
             return
         typer.echo(

@@ -65,38 +65,62 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         own = details.method.startswith("/retinal.")  # not health checks or reflection
-        if handler is None or handler.unary_unary is None or not own:
-            return handler  # streaming, unknown and infrastructure calls pass through
-        behaviour = handler.unary_unary
+        if handler is None or not own:
+            return handler  # unknown and infrastructure calls pass through
         method = details.method.rsplit("/", 1)[-1]
         rid = _incoming_id(details)
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary, method, rid),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming(handler.unary_stream, method, rid),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
 
+    def _record(self, method: str, code: Any, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        if not isinstance(code, grpc.StatusCode):  # context.code() may give the raw number
+            code = grpc.StatusCode.UNKNOWN
+        GRPC_REQUESTS.labels(self.service, method, code.name).inc()
+        GRPC_LATENCY.labels(self.service, method).observe(elapsed)
+        logger.info(
+            "call",
+            extra={"method": method, "code": code.name, "duration_ms": round(elapsed * 1000, 1)},
+        )
+
+    def _unary(self, behaviour: Any, method: str, rid: str) -> Any:
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
             request_id.set(rid)
             started = time.perf_counter()
-            code = grpc.StatusCode.OK
+            code: Any = grpc.StatusCode.OK
             try:
                 return await behaviour(request, context)
             except BaseException:
                 code = context.code() or grpc.StatusCode.UNKNOWN
                 raise
             finally:
-                elapsed = time.perf_counter() - started
-                if isinstance(code, int):  # context.code() may give the raw number
-                    code = grpc.StatusCode.UNKNOWN
-                GRPC_REQUESTS.labels(self.service, method, code.name).inc()
-                GRPC_LATENCY.labels(self.service, method).observe(elapsed)
-                logger.info(
-                    "call",
-                    extra={
-                        "method": method,
-                        "code": code.name,
-                        "duration_ms": round(elapsed * 1000, 1),
-                    },
-                )
+                self._record(method, code, started)
 
-        return grpc.unary_unary_rpc_method_handler(
-            observed,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return observed
+
+    def _streaming(self, behaviour: Any, method: str, rid: str) -> Any:
+        async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            request_id.set(rid)
+            started = time.perf_counter()
+            code: Any = grpc.StatusCode.OK
+            try:
+                async for response in behaviour(request, context):
+                    yield response
+            except BaseException:
+                code = context.code() or grpc.StatusCode.CANCELLED
+                raise
+            finally:
+                self._record(method, code, started)
+
+        return observed

@@ -119,7 +119,9 @@ def _stream(
 ) -> tuple[list[str], language_pb2.ChatResponse]:
     with grpc.insecure_channel(address) as channel:
         chunks = list(
-            language_pb2_grpc.LanguageServiceStub(channel).ChatStream(request, timeout=timeout)
+            language_pb2_grpc.LanguageServiceStub(channel).ChatStream(
+                request, timeout=timeout, metadata=(("x-request-id", "stream-test-1"),)
+            )
         )
     assert chunks[-1].HasField("final") and not any(c.HasField("final") for c in chunks[:-1])
     return [c.delta for c in chunks[:-1]], chunks[-1].final
@@ -128,6 +130,7 @@ def _stream(
 def test_an_image_findings_and_question_stream_a_grounded_answer(language: Language) -> None:
     deltas, final = _stream(language.address, _request())
     assert deltas and "".join(deltas).strip() == final.answer
+    assert '"request_id": "stream-test-1"' in language.service.log  # streamed calls too
     assert final.answer
     assert final.model == "retinalgpt-mini"
     # the prompt holds the image tokens (49) and the findings; the answer was generated

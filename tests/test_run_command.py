@@ -33,6 +33,7 @@ def test_retinal_up_starts_every_service_and_prints_the_example_findings(tmp_pat
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "all services ready" in done.stderr
+    assert "RetinalGPT (retinalgpt-mini):" in done.stderr  # the assistant answered
     findings = json.loads(done.stdout)["findings"]
     assert findings["image"]["format"] == "PNG"
     assert findings["image"]["field_of_view"]["radius"] > 100
