@@ -206,7 +206,7 @@ def test_a_full_queue_answers_busy(tmp_path: Path) -> None:
     try:
         with grpc.insecure_channel(language.address) as channel:
             stub = language_pb2_grpc.LanguageServiceStub(channel)
-            long = _request("Write a long essay.", max_tokens=400)
+            long = _request("Write a long essay.", max_tokens=160)
             with concurrent.futures.ThreadPoolExecutor(3) as pool:
                 calls = [pool.submit(stub.Chat, long, timeout=120) for _ in range(2)]
                 wait_until(
