@@ -112,6 +112,8 @@ class Stack:
         # Batches stay in this folder, and off any shared Redis (the embedded broker here).
         env["RETINAL_BATCH_DIR"] = str(self.tmp / "batches")
         env["RETINAL_WORKER_EMBEDDED_BROKER_DIR"] = str(self.tmp / "queue")
+        # Workers may share this environment: no metrics port (tests/test_worker_metrics.py).
+        env["RETINAL_WORKER_METRICS_PORT"] = "0"
         env["REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
         # RetinalGPT-mini in-process (seconds to load); the vLLM sidecar is tested on its own.
         env["RETINAL_LANGUAGE_BACKEND"] = "transformers"

@@ -40,3 +40,6 @@ class WorkerSettings(BaseSettings):
     # an image that kills every worker that takes it must not loop forever.
     max_attempts: int = Field(default=10, ge=1)
     log_level: str = "INFO"
+    # Prometheus /metrics of the worker's tasks (services/worker/observability.py); 0: none.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9454, ge=0, le=65535)

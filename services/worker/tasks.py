@@ -31,7 +31,6 @@ from shared import pipeline
 from shared.config import MIB
 from shared.grpc_server import client_options
 from shared.imaging import DEFAULT_LIMITS, ImageRejected, ingest
-from shared.telemetry import request_id as current_request_id
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +125,6 @@ async def _analyze_claimed(image: ClaimedImage, request_id: str) -> str:
 )
 def analyze_batch_image(self: Task, image_id: str) -> None:
     """Analyse one image of a batch and record its outcome (ids in logs, never names)."""
-    current_request_id.set(self.request.id)  # this task's log lines carry its id, as calls do
     store = _store()
     image = store.claim_image(image_id, settings.task_lease_s)
     ids = {"image_id": image_id}
