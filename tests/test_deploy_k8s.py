@@ -1,10 +1,9 @@
 """Static checks of deploy/k8s: every manifest valid against the Kubernetes JSON schemas
 (kubernetes-validate, offline, strict), and consistent with the code (ports, settings, probes,
-Dockerfile targets, selectors, autoscalers)."""
+Dockerfiles, selectors, autoscalers, metrics ports)."""
 
 from __future__ import annotations
 
-import re
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,7 @@ SETTINGS: dict[str, type[BaseSettings]] = {
     "worker": WorkerSettings,
 }
 GRPC_BACKENDS = ("analysis", "lesion", "language")
-DOCKER_TARGETS = set(
-    re.findall(r"^FROM \S+ AS (\w+)", (ROOT / "deploy/docker/Dockerfile").read_text(), re.M)
-)
+DOCKERFILES = ROOT / "deploy" / "docker"
 
 
 @cache
@@ -78,10 +75,11 @@ def test_each_service_runs_its_own_image_and_entry_point_as_non_root() -> None:
     for name in SETTINGS:
         spec = workloads()[name]["spec"]["template"]["spec"]
         image = container(name)["image"]
-        assert image.startswith(f"retinalgpt/{name}:") and name in DOCKER_TARGETS
-        assert "command" not in container(name)  # the Dockerfile target's CMD runs
+        assert image.startswith(f"retinalgpt/{name}:")
+        assert (DOCKERFILES / f"{name}.Dockerfile").is_file()
+        assert "command" not in container(name)  # the Dockerfile's CMD runs
         assert spec["securityContext"]["runAsNonRoot"] is True
-        assert spec["securityContext"]["runAsUser"] == 10001  # the Dockerfile's user
+        assert spec["securityContext"]["runAsUser"] == 10001  # the Dockerfiles' user
 
 
 @pytest.mark.parametrize("name", GRPC_BACKENDS)
@@ -106,6 +104,20 @@ def test_the_gateway_probes_its_health_endpoints() -> None:
     ]
     assert gateway["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert gateway["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+@pytest.mark.parametrize("name", [*GRPC_BACKENDS, "worker"])
+def test_prometheus_scrapes_each_metrics_port(name: str) -> None:
+    port = SETTINGS[name].model_fields["metrics_port"].default
+    annotations = workloads()[name]["spec"]["template"]["metadata"]["annotations"]
+    assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": str(port)}
+    assert {"name": "metrics", "containerPort": port} in container(name)["ports"]
+
+
+def test_the_worker_exposes_only_its_metrics() -> None:
+    assert container("worker")["ports"] == [
+        {"name": "metrics", "containerPort": WorkerSettings.model_fields["metrics_port"].default}
+    ]
 
 
 def test_config_keys_are_settings_the_services_read() -> None:

