@@ -61,6 +61,11 @@ _VESSEL_GROUPS = {
 }
 
 
+def in_prompt(fact: Fact) -> bool:
+    """Whether the description states this vessel fact (every other fact is always stated)."""
+    return fact.region in (None, findings.Region.WHOLE) or fact.quantity in _ZONE_QUANTITIES
+
+
 def _vessel_lines(facts: list[Fact]) -> list[str]:
     """Per region, each quantity once: "fractal dimension: all vessels 1.482, arteries 1.371".
 
@@ -70,9 +75,7 @@ def _vessel_lines(facts: list[Fact]) -> list[str]:
     """
     by_region: dict[findings.Region, dict[str, list[str]]] = defaultdict(dict)
     for fact in facts:
-        if not fact.key.startswith("vessels.") or fact.region is None:
-            continue
-        if fact.region is not findings.Region.WHOLE and fact.quantity not in _ZONE_QUANTITIES:
+        if not fact.key.startswith("vessels.") or fact.region is None or not in_prompt(fact):
             continue
         if fact.quantity in ("crae", "crve", "avr"):
             by_region[fact.region].setdefault(fact.label, []).append(fact.text)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.language.facts import LESION_NAMES, REGION_NAMES, Fact, facts_from_findings
+from services.language.prompting import in_prompt
 from shared import findings as F
 from training.vlm.records import LabeledImage
 
@@ -105,8 +106,10 @@ def spoken_label(fact: Fact) -> str:
 
 
 def askable_facts(result: F.Findings) -> list[Fact]:
+    """Facts a user asks about by name that the prompt states (the model can only quote
+    what it is given)."""
     facts, _ = facts_from_findings(result)
-    return [f for f in facts if f.quantity in _ASKABLE]
+    return [f for f in facts if f.quantity in _ASKABLE and in_prompt(f)]
 
 
 def value_turn(rng: random.Random, fact: Fact) -> Turn:
