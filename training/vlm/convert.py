@@ -72,9 +72,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from services.analysis.engine.model_files import sha256_of
 from services.language.prompting import PromptFamily
 from training.vlm.assemble import IMAGE_TOKEN, MANIFEST
-from training.vlm.export import WEIGHTS, save_for_vllm, sha256_of
+from training.vlm.export import WEIGHTS, save_for_vllm
 
 IM_START, IM_END = "<im_start>", "<im_end>"
 TOWER_PREFIX = "model.vision_tower.vision_tower."

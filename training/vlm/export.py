@@ -7,12 +7,13 @@ vLLM rejects. The processor (with its chat template) is saved beside the weights
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from safetensors.torch import load_file, save_file
+
+from services.analysis.engine.model_files import sha256_of
 
 WEIGHTS = "model.safetensors"
 
@@ -21,14 +22,6 @@ def _vllm_name(name: str) -> str:
     if name.startswith("vision_tower.") and not name.startswith("vision_tower.vision_model."):
         return "vision_tower.vision_model." + name.removeprefix("vision_tower.")
     return name
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_for_vllm(model: Any, processor: Any, output: Path) -> str:

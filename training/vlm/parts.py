@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from training.vlm.export import sha256_of
+from services.analysis.engine.model_files import sha256_of
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 PARTS = WEIGHTS_DIR / "retinalgpt-mini-parts.safetensors"
