@@ -9,9 +9,21 @@ MINI := var/models/retinalgpt-mini
 PROTOS := $(wildcard protos/retinal/v1/*.proto)
 GENERATED := $(PROTOS:.proto=_pb2.py)
 
-.PHONY: setup protos run test lint format bench loadtest clean
+.PHONY: setup chromium protos run test lint format bench loadtest clean
 
-setup: $(VENV)/.installed protos $(VLLM_VENV)/.installed $(MINI)/retinal_model.json
+setup: $(VENV)/.installed protos $(VLLM_VENV)/.installed $(MINI)/retinal_model.json chromium
+
+# Headless Chromium for the console's browser tests (Debian's package, driven by Playwright,
+# which never downloads a browser here). Installed when root; the tests skip without it.
+chromium:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y --no-install-recommends chromium || \
+		{ apt-get update && apt-get install -y --no-install-recommends chromium; }; \
+	else \
+		echo "no /usr/bin/chromium: the browser tests will be skipped (as root:" \
+			"apt-get install -y --no-install-recommends chromium)"; \
+	fi
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

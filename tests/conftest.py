@@ -133,15 +133,15 @@ class Stack:
         self.services[name].start()
         wait_until(lambda: grpc_serving(self.address(name)), 30, f"{name} SERVING")
 
-    def start(self, with_gateway: bool = True) -> None:
+    def start(self, with_gateway: bool = True, timeout_s: float = 30) -> None:
         for name in BACKENDS:
             self.services[name].start()
         if with_gateway:
             self.services["gateway"].start()
         for name in BACKENDS:
-            wait_until(lambda n=name: grpc_serving(self.address(n)), 30, f"{name} SERVING")
+            wait_until(lambda n=name: grpc_serving(self.address(n)), timeout_s, f"{name} SERVING")
         if with_gateway:
-            wait_until(self._gateway_up, 30, "the gateway")
+            wait_until(self._gateway_up, timeout_s, "the gateway")
 
     def _gateway_up(self) -> bool:
         try:

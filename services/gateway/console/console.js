@@ -1,12 +1,14 @@
 // RetinalGPT console: one photograph through POST /v1/analyses, its overlays, measurements,
-// lesions and assessment, and a conversation about it (POST /v1/chat, streamed). Plain browser JavaScript, no framework, no network beyond the gateway.
+// lesions and assessment, and a conversation about it (POST /v1/chat, streamed); a batch through
+// POST /v1/batches and its progress. Plain browser JavaScript, no framework, no network beyond
+// the gateway.
 "use strict";
 
 const LAYERS = ["combined", "vessels", "disc", "zones", "fovea", "lesions", "ma", "he", "ex", "se"];
 const $ = (selector) => document.querySelector(selector);
 
 function authHeaders() {
-  const key = sessionStorage.getItem("retinal-api-key") || "";
+  const key = $("#api-key").value.trim();
   return key ? { Authorization: `Bearer ${key}` } : {};
 }
 
@@ -109,10 +111,21 @@ function showAssessment(assessment) {
   }
 }
 
-async function overlayUrl(path) {
+async function blobUrl(path) {
   const response = await fetch(path, { headers: authHeaders() });
   if (!response.ok) throw new Error(await problemText(response));
   return URL.createObjectURL(await response.blob());
+}
+
+// Links to API files (FHIR bundle, batch results) need the key: fetched, then saved.
+async function download(event) {
+  event.preventDefault();
+  const link = event.currentTarget;
+  const saver = document.createElement("a");
+  saver.href = await blobUrl(link.getAttribute("href"));
+  saver.download = link.getAttribute("download") || "";
+  saver.click();
+  setTimeout(() => URL.revokeObjectURL(saver.href), 10000);
 }
 
 async function showOverlays(overlays) {
@@ -131,7 +144,7 @@ async function showOverlays(overlays) {
     radio.name = "layer";
     radio.value = layer;
     radio.addEventListener("change", async () => {
-      image.src = await overlayUrl(overlays[layer]);
+      image.src = await blobUrl(overlays[layer]);
       image.alt = `Overlay: ${layer}`;
     });
     label.append(radio, ` ${layer} `);
@@ -139,7 +152,7 @@ async function showOverlays(overlays) {
   }
   if (layers.length) {
     choices.querySelector("input").checked = true;
-    image.src = await overlayUrl(overlays[layers[0]]);
+    image.src = await blobUrl(overlays[layers[0]]);
     image.alt = `Overlay: ${layers[0]}`;
   }
 }
@@ -188,6 +201,9 @@ function markGrounded(item, answer, grounding) {
   }
 }
 
+// The blank line that ends a server-sent event (any of the three line endings SSE allows).
+const EVENT_END = /\r\n\r\n|\n\n|\r\r/;
+
 // POST /v1/chat with stream=true; server-sent events: delta {text}, done {answer, grounding},
 // error {problem details}.
 async function ask(event) {
@@ -198,6 +214,18 @@ async function ask(event) {
   say("user", question);
   $("#question").value = "";
   const item = say("assistant", "…");
+  // Screen readers announce the answer once, when it is complete (aria-busy while streaming).
+  item.dataset.state = "streaming";
+  $("#conversation").setAttribute("aria-busy", "true");
+  try {
+    await streamAnswer(item);
+  } finally {
+    $("#conversation").setAttribute("aria-busy", "false");
+    if (item.dataset.state === "streaming") item.dataset.state = "error";
+  }
+}
+
+async function streamAnswer(item) {
   const response = await fetch("/v1/chat", {
     method: "POST",
     headers: { ...authHeaders(), "Content-Type": "application/json" },
@@ -206,6 +234,7 @@ async function ask(event) {
   if (!response.ok) {
     chat.messages.pop();
     item.textContent = await problemText(response);
+    item.dataset.state = "error";
     return;
   }
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -216,12 +245,12 @@ async function ask(event) {
     if (done) break;
     buffer += value;
     let end;
-    while ((end = buffer.indexOf("\n\n")) >= 0) {
-      const block = buffer.slice(0, end);
-      buffer = buffer.slice(end + 2);
-      const kind = (block.match(/^event: *(.*)$/m) || [])[1] || "message";
-      const data = block
-        .split("\n")
+    while ((end = EVENT_END.exec(buffer))) {
+      const lines = buffer.slice(0, end.index).split(/\r\n|\r|\n/);
+      buffer = buffer.slice(end.index + end[0].length);
+      const named = lines.find((line) => line.startsWith("event:"));
+      const kind = named ? named.slice(6).trim() : "message";
+      const data = lines
         .filter((line) => line.startsWith("data:"))
         .map((line) => line.slice(5).trim())
         .join("\n");
@@ -233,9 +262,11 @@ async function ask(event) {
       } else if (kind === "done") {
         chat.messages.push({ role: "assistant", content: payload.answer });
         markGrounded(item, payload.answer, payload.grounding);
+        item.dataset.state = "done";
       } else if (kind === "error") {
         chat.messages.pop();
         item.textContent = `${payload.title}: ${payload.detail || ""}`;
+        item.dataset.state = "error";
       }
     }
   }
@@ -243,7 +274,6 @@ async function ask(event) {
 
 async function analyse(event) {
   event.preventDefault();
-  sessionStorage.setItem("retinal-api-key", $("#api-key").value.trim());
   const file = $("#image").files[0];
   if (!file) return;
   const form = new FormData();
@@ -262,6 +292,7 @@ async function analyse(event) {
   fillTable("#lesions", lesionRows(result.findings));
   showAssessment(result.findings.assessment);
   $("#fhir-link").href = `/v1/analyses/${result.id}/fhir`;
+  $("#fhir-link").download = `analysis-${result.id}-fhir.json`;
   chat = { analysisId: result.id, messages: [] };
   $("#conversation").replaceChildren();
   $("#result").hidden = false;
@@ -269,8 +300,95 @@ async function analyse(event) {
   setStatus(`Done (analysis ${result.id}${result.cached ? ", stored result" : ""}).`);
 }
 
+// The batch shown: its id, and the timer of its next GET /v1/batches/{id}.
+const FINAL = ["completed", "completed_with_errors", "cancelled"];
+let batch = { id: null, timer: null };
+
+function setBatchStatus(text) {
+  $("#batch-status").textContent = text;
+}
+
+function showBatch(status) {
+  if (status.id !== batch.id) return; // an answer about a batch no longer shown
+  const counts = status.counts;
+  const finished = counts.total - counts.pending;
+  $("#batch-bar").max = Math.max(counts.total, 1);
+  $("#batch-bar").value = finished;
+  const extra = ["skipped", "cancelled"].filter((s) => counts[s]).map((s) => `, ${counts[s]} ${s}`);
+  setBatchStatus(
+    `${status.state.replaceAll("_", " ")}: ${finished} of ${counts.total} finished; ` +
+      `${counts.done} done, ${counts.failed} failed, ${counts.pending} pending${extra.join("")}`,
+  );
+  $("#batch-errors").replaceChildren(
+    ...status.errors.map((error) => {
+      const item = document.createElement("li");
+      item.textContent = `${error.name}: ${error.code} (${error.detail})`;
+      return item;
+    }),
+  );
+  for (const format of ["jsonl", "csv"]) {
+    $(`#batch-${format}`).href = status.results[format];
+    $(`#batch-${format}`).download = `batch-${status.id}.${format}`;
+  }
+  const final = FINAL.includes(status.state);
+  $("#batch-cancel").disabled = final;
+  clearTimeout(batch.timer);
+  if (!final) batch.timer = setTimeout(() => batchCall("GET").catch(batchError), 1000);
+}
+
+function batchError(error) {
+  setBatchStatus(`Error: ${error.message}`);
+}
+
+// GET (poll) or DELETE (cancel) the batch shown; a busy or failing gateway is asked again.
+async function batchCall(method) {
+  const id = batch.id;
+  const response = await fetch(`/v1/batches/${id}`, { method, headers: authHeaders() });
+  if (response.ok) {
+    showBatch(await response.json());
+    return;
+  }
+  setBatchStatus(await problemText(response));
+  if (method === "GET" && (response.status === 429 || response.status >= 500) && id === batch.id) {
+    batch.timer = setTimeout(() => batchCall("GET").catch(batchError), 3000);
+  }
+}
+
+async function submitBatch(event) {
+  event.preventDefault();
+  const files = $("#batch-files").files;
+  if (!files.length) return;
+  const form = new FormData();
+  for (const file of files) form.append("files", file);
+  clearTimeout(batch.timer);
+  batch = { id: null, timer: null };
+  setBatchStatus(`Uploading ${files.length} file(s)…`);
+  const response = await fetch("/v1/batches", { method: "POST", body: form, headers: authHeaders() });
+  if (!response.ok) {
+    setBatchStatus(await problemText(response));
+    return;
+  }
+  const status = await response.json();
+  batch.id = status.id;
+  $("#batch-id").textContent = status.id;
+  $("#batch-progress").hidden = false;
+  showBatch(status);
+}
+
 document.addEventListener("DOMContentLoaded", () => {
   $("#api-key").value = sessionStorage.getItem("retinal-api-key") || "";
+  $("#access").addEventListener("submit", (event) => event.preventDefault());
+  $("#api-key").addEventListener("change", () => {
+    sessionStorage.setItem("retinal-api-key", $("#api-key").value.trim());
+  });
+  $("#fhir-link").addEventListener("click", (event) => {
+    download(event).catch((error) => setStatus(`Error: ${error.message}`));
+  });
+  for (const link of document.querySelectorAll("#batch-progress a")) {
+    link.addEventListener("click", (event) => download(event).catch(batchError));
+  }
+  $("#batch-upload").addEventListener("submit", (event) => submitBatch(event).catch(batchError));
+  $("#batch-cancel").addEventListener("click", () => batchCall("DELETE").catch(batchError));
   $("#upload").addEventListener("submit", (event) => {
     analyse(event).catch((error) => setStatus(`Error: ${error.message}`));
   });
