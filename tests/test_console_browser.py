@@ -271,7 +271,38 @@ def test_a_full_page_screenshot_is_kept(console: Console) -> None:
         assert shot.width >= 1280 and shot.height > 900
 
 
-def test_the_page_is_labelled_and_talks_to_the_gateway_only(console: Console) -> None:
+# Visible text whose contrast with its background is under WCAG AA's 4.5:1 (disabled controls
+# are exempt), as "tag#id.class: ratio".
+_LOW_CONTRAST = """() => {
+    const rgba = (color) => color.match(/[\\d.]+/g).map(Number);
+    const luminance = (color) => {
+        const linear = (v) => {
+            const c = v / 255;
+            return c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4;
+        };
+        const [r, g, b] = rgba(color).map(linear);
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+    };
+    const background = (el) => {
+        for (; el; el = el.parentElement) {
+            const color = getComputedStyle(el).backgroundColor;
+            if (rgba(color)[3] !== 0) return color;
+        }
+        return "rgb(255, 255, 255)";
+    };
+    return [...document.querySelectorAll("body *")]
+        .filter((el) => [...el.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim()))
+        .filter((el) => el.checkVisibility() && !el.matches(":disabled"))
+        .map((el) => {
+            const [a, b] = [luminance(getComputedStyle(el).color), luminance(background(el))];
+            return [el, (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05)];
+        })
+        .filter(([, ratio]) => ratio < 4.5)
+        .map(([el, ratio]) => `${el.tagName}#${el.id}.${el.className}: ${ratio.toFixed(2)}`);
+}"""
+
+
+def test_the_page_is_labelled_legible_and_talks_to_the_gateway_only(console: Console) -> None:
     page = console.page
     unlabelled = page.evaluate(
         """() => [...document.querySelectorAll("input, textarea, select, progress")]
@@ -289,6 +320,7 @@ def test_the_page_is_labelled_and_talks_to_the_gateway_only(console: Console) ->
             .filter((el) => !el.textContent.trim()).map((el) => el.outerHTML)"""
     )
     assert nameless == []
+    assert page.evaluate(_LOW_CONTRAST) == []
     assert console.page_errors == []
 
     gateway = urlsplit(console.stack.url).netloc

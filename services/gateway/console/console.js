@@ -362,6 +362,7 @@ async function submitBatch(event) {
   for (const file of files) form.append("files", file);
   clearTimeout(batch.timer);
   batch = { id: null, timer: null };
+  $("#batch-cancel").disabled = true;
   setBatchStatus(`Uploading ${files.length} file(s)…`);
   const response = await fetch("/v1/batches", { method: "POST", body: form, headers: authHeaders() });
   if (!response.ok) {
