@@ -103,3 +103,13 @@ def test_the_description_states_every_fact_and_passes_its_own_check() -> None:
         assert box.text in description
     checked = GroundingChecker(facts, boxes, stated_texts(result)).check(description)
     assert checked.unmatched == 0, [v for v in checked.values if not v.measured]
+
+
+def test_streamed_text_is_released_a_sentence_at_a_time_or_at_a_clause_when_run_on() -> None:
+    from services.language.chat import _release_point
+
+    assert _release_point("The CDR is 0.45. The AV") == len("The CDR is 0.45. ")
+    assert _release_point("The CDR is 0.4") == 0  # a number may still be growing
+    run_on = "the vessels look " * 10 + "thin, and the disc " + "looks " * 10
+    cut = _release_point(run_on)
+    assert run_on[:cut].endswith("thin, ")

@@ -42,6 +42,10 @@ FIRST_TOKEN = Histogram(
 UNGROUNDED = Counter("retinal_language_unmeasured_values_total", "Values repaired in answers")
 
 _BOUNDARY = re.compile(r"(?<=[.!?;:])\s+|\n")
+# A run-on sentence is released at a clause (else a word) once this long, so a stream never
+# stalls on a model that forgets full stops; grounding then sees that piece alone.
+_LONGEST_PENDING = 240
+_SPACE = re.compile(r"\s+")
 _ROLES = {language_pb2.ROLE_USER: "user", language_pb2.ROLE_ASSISTANT: "assistant"}
 
 
@@ -71,6 +75,19 @@ def _options(request: language_pb2.ChatRequest, default_max_tokens: int) -> dict
     if not 0.0 < top_p <= 1.0:
         raise ValueError("top_p must be in (0, 1]")
     return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p}
+
+
+def _release_point(pending: str) -> int:
+    """How much of the pending text can be grounded and sent now (0: wait for more)."""
+    boundaries = list(_BOUNDARY.finditer(pending))
+    if boundaries:
+        return boundaries[-1].end()
+    if len(pending) < _LONGEST_PENDING:
+        return 0
+    spaces = list(_SPACE.finditer(pending))
+    after_comma = [m for m in spaces if pending[: m.start()].endswith(",")]
+    chosen = after_comma or spaces
+    return chosen[-1].end() if chosen else len(pending)
 
 
 class ChatEngine:
@@ -147,9 +164,8 @@ class ChatEngine:
                     turn.first_token_ms = (time.perf_counter() - admitted) * 1000
                     FIRST_TOKEN.observe(turn.first_token_ms / 1000)
                 pending += delta.text
-                boundaries = list(_BOUNDARY.finditer(pending))
-                if boundaries:
-                    cut = boundaries[-1].end()
+                cut = _release_point(pending)
+                if cut:
                     yield self._ground(turn, pending[:cut])
                     pending = pending[cut:]
         finally:
