@@ -4,7 +4,6 @@ in over gRPC; a grounded answer streams out."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
 import re
 import time
@@ -201,24 +200,32 @@ def test_bad_requests_are_invalid_argument(
 
 
 def test_a_full_queue_answers_busy(tmp_path: Path) -> None:
-    """transformers runs one conversation; with one queue place the third call is refused."""
+    """transformers runs one conversation; with one queue place the third call is refused at
+    once, and cancelling the other two frees the model."""
     language = _start("transformers", tmp_path, {"RETINAL_LANGUAGE_MAX_QUEUE": "1"}, 120)
     try:
         with grpc.insecure_channel(language.address) as channel:
             stub = language_pb2_grpc.LanguageServiceStub(channel)
-            long = _request("Write a long essay.", max_tokens=160)
-            with concurrent.futures.ThreadPoolExecutor(3) as pool:
-                calls = [pool.submit(stub.Chat, long, timeout=120) for _ in range(2)]
-                wait_until(
-                    lambda: language.metric("retinal_language_queue_depth") == 1,
-                    30,
-                    "one call queued",
-                )
-                with pytest.raises(grpc.RpcError) as error:
-                    stub.Chat(long, timeout=30)
-                assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert "busy" in error.value.details()
-                for call in calls:
-                    assert call.result().answer
+            long = _request("Write a long essay.", max_tokens=400)
+            calls = [stub.Chat.future(long, timeout=600) for _ in range(2)]
+            wait_until(
+                lambda: language.metric("retinal_language_queue_depth") == 1,
+                60,
+                "one call queued",
+            )
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Chat(long, timeout=30)
+            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "busy" in error.value.details()
+            for call in calls:
+                call.cancel()
+            wait_until(
+                lambda: (
+                    language.metric("retinal_language_active_generations") == 0
+                    and language.metric("retinal_language_queue_depth") == 0
+                ),
+                60,
+                "the cancelled calls to leave",
+            )
     finally:
         language.service.stop()
