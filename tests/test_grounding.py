@@ -58,6 +58,8 @@ def test_measured_values_are_accepted(checker: GroundingChecker, answer: str, ke
         # invented values of quantities that were never measured
         ("The CRAE in zone C is 150.3 µm.", "150.3", NOT_MEASURED),
         ("The retinal thickness is 250 µm.", "250", NOT_MEASURED),
+        # a measured number (a vessel count of 37) stated for something never measured
+        ("The visual acuity is 37 letters.", "37", NOT_MEASURED),
         ("The AVR is 0.67 in zone C.", "0.67", NOT_MEASURED),
         # measured in µm, not pixels
         ("The disc height is 1712.4 px.", "1712.4 px", NOT_MEASURED),
