@@ -52,7 +52,8 @@ protos: $(GENERATED)
 $(GENERATED) &: $(PROTOS) $(VENV)/.installed
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
 
-# The embedded default: every service as a local process (CPU), an example analysed, API up.
+# The embedded default: every service as a local process (CPU), an example analysed and
+# discussed with the assistant, API up.
 run: setup
 	$(BIN)/retinal up
 
