@@ -7,9 +7,10 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Annotated, Any
 
 import numpy as np
+import typer
 from PIL import Image
 from tqdm import tqdm
 
@@ -18,6 +19,14 @@ from services.lesion.engine.detection import Detection, detect, merged
 from services.lesion.engine.detector import SHORT_NAMES, TYPES, LesionDetector
 from shared import findings, tables
 from shared.imaging import ImageRejected, ingest
+
+# Output options shared by `retinal analyze` and `retinal batch results`.
+JsonlOutput = Annotated[
+    Path | None, typer.Option(help="Findings as JSON Lines (default: standard output)")
+]
+CsvOutput = Annotated[
+    Path | None, typer.Option("--csv", help="One row per image, AutoMorph's column names")
+]
 
 MASK_LAYERS = ("vessel_prob", "vessel", "artery", "vein", "disc", "cup")
 LESION_MASK_LAYERS = tuple(SHORT_NAMES[t] for t in TYPES)  # ma, he, ex, se

@@ -15,7 +15,7 @@ import httpx
 import typer
 from tqdm import tqdm
 
-from cli.analyze import expand
+from cli.analyze import CsvOutput, JsonlOutput, expand
 
 app = typer.Typer(
     add_completion=False,
@@ -159,12 +159,8 @@ def results(
     batch_id: BatchId,
     url: Url = DEFAULT_URL,
     api_key: ApiKey = None,
-    output: Annotated[
-        Path | None, typer.Option(help="Findings as JSON Lines (default: standard output)")
-    ] = None,
-    csv_path: Annotated[
-        Path | None, typer.Option("--csv", help="One row per image, AutoMorph's column names")
-    ] = None,
+    output: JsonlOutput = None,
+    csv_path: CsvOutput = None,
 ) -> None:
     """A batch's results: JSON Lines (one image a line) and optionally the CSV table."""
     with _client(url, api_key) as client:

@@ -19,6 +19,7 @@ from PIL import Image
 
 from cli import analyze as analysis_cli
 from cli import batch
+from cli.analyze import CsvOutput, JsonlOutput
 from cli.stack import LocalStack
 from services.analysis.settings import AnalysisSettings
 from shared import tables
@@ -134,12 +135,8 @@ def up(
 @app.command()
 def analyze(
     paths: Annotated[list[Path], typer.Argument(help="Image files or folders", exists=True)],
-    output: Annotated[
-        Path | None, typer.Option(help="Findings as JSON Lines (default: standard output)")
-    ] = None,
-    csv_path: Annotated[
-        Path | None, typer.Option("--csv", help="One row per image, AutoMorph's column names")
-    ] = None,
+    output: JsonlOutput = None,
+    csv_path: CsvOutput = None,
     save_masks: Annotated[
         Path | None, typer.Option(help="Write <stem>_<layer>.png masks, input-sized, here")
     ] = None,

@@ -22,6 +22,20 @@ FHIR_JSON = "application/fhir+json"
 AnalysisId = Annotated[str, Path(max_length=64, description="The id POST /v1/analyses returned")]
 
 
+# Form fields of every upload that is analysed (one image here, a batch in batches/).
+PixelSizeForm = Annotated[
+    float | None,
+    Form(gt=0, le=100, description="Micrometres per pixel, when known (wins over DICOM)"),
+]
+OverlaysForm = Annotated[
+    str | None,
+    Form(
+        description=f"Comma-separated overlay layers to render: {', '.join(OVERLAY_LAYERS)}",
+        max_length=200,
+    ),
+]
+
+
 def parse_overlays(value: str | None) -> list[str]:
     """Comma-separated layer names -> unique names in order; 422 for an unknown one."""
     layers = list(dict.fromkeys(filter(None, (p.strip() for p in (value or "").split(",")))))
@@ -45,17 +59,8 @@ async def create_analysis(
     request: Request,
     tenant: AnalysisTenant,
     file: Annotated[UploadFile, File(description="JPEG, PNG, TIFF, WebP, BMP or DICOM")],
-    pixel_size_um: Annotated[
-        float | None,
-        Form(gt=0, le=100, description="Micrometres per pixel, when known (wins over DICOM)"),
-    ] = None,
-    overlays: Annotated[
-        str | None,
-        Form(
-            description=f"Comma-separated overlay layers to render: {', '.join(OVERLAY_LAYERS)}",
-            max_length=200,
-        ),
-    ] = None,
+    pixel_size_um: PixelSizeForm = None,
+    overlays: OverlaysForm = None,
 ) -> AnalysisResponse:
     """Analyse one colour fundus photograph (the format is read from its content)."""
     settings = request.app.state.settings

@@ -9,18 +9,17 @@ import uuid
 from typing import Annotated
 
 import redis
-from fastapi import APIRouter, File, Form, Path, Request, Response, UploadFile
+from fastapi import APIRouter, File, Path, Request, Response, UploadFile
 from fastapi.responses import StreamingResponse
 from kombu.exceptions import OperationalError as BrokerError
 
-from services.gateway.analyses.api_router import parse_overlays
+from services.gateway.analyses.api_router import OverlaysForm, PixelSizeForm, parse_overlays
 from services.gateway.batches import results
 from services.gateway.batches.admission import BatchRefused, Limits, admit
 from services.gateway.batches.protocol import BatchOptions, BatchStatus
 from services.gateway.problems import PROBLEM_RESPONSES, Problem
 from services.gateway.rate_limits import AnalysisTenant, RequestTenant
 from services.gateway.store import BatchRecord, ResultsStore
-from shared.pipeline import OVERLAY_LAYERS
 
 logger = logging.getLogger(__name__)
 
@@ -55,17 +54,8 @@ async def create_batch(
         list[UploadFile],
         File(description="Image files (as for /v1/analyses) and/or zip archives of them"),
     ],
-    pixel_size_um: Annotated[
-        float | None,
-        Form(gt=0, le=100, description="Micrometres per pixel, when known (wins over DICOM)"),
-    ] = None,
-    overlays: Annotated[
-        str | None,
-        Form(
-            description=f"Comma-separated overlay layers to render: {', '.join(OVERLAY_LAYERS)}",
-            max_length=200,
-        ),
-    ] = None,
+    pixel_size_um: PixelSizeForm = None,
+    overlays: OverlaysForm = None,
 ) -> BatchStatus:
     """Accept a batch: every file is stored and queued, or refused with its reason."""
     settings = request.app.state.settings
