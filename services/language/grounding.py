@@ -243,8 +243,11 @@ def _nearest(patterns: dict[_Kind, str], before: str, after: str) -> _Kind | Non
 
 
 def _context(sentence: str, start: int, end: int, previous_end: int, unit: str) -> _Context:
-    before = sentence[previous_end:start]
-    after = re.split(r"[,;(]", sentence[end : end + 40], maxsplit=1)[0]
+    # The words since the previous value or box, up to the next one (or a clause's end): a repair ("not measured",
+    # "[box not measured]") bounds them as the value it replaced did, so that checking a
+    # repaired answer again reads every number the same way.
+    before = sentence[previous_end:start].rsplit(NOT_MEASURED, 1)[-1]
+    after = re.split(rf"[,;(\[\d]|{NOT_MEASURED}", sentence[end : end + 40], maxsplit=1)[0]
     named = _quantity_at(before, last=True)
     follower = _quantity_at(after, last=False)
     # "3 microaneurysms", "0.8 DD from the fovea": the quantity is named after the number.
@@ -375,6 +378,7 @@ class GroundingChecker:
             start, end = value.span()
             if any(s <= start < e for s, e in box_spans):
                 continue
+            previous_end = max([previous_end, *(e for _, e in box_spans if e <= start)])
             quoted = any(s <= offset + start < e for s, e in skipped)
             if quoted and _LIST_MARKER.match(sentence[start:] + " "):
                 continue
