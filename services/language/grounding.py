@@ -243,9 +243,9 @@ def _nearest(patterns: dict[_Kind, str], before: str, after: str) -> _Kind | Non
 
 
 def _context(sentence: str, start: int, end: int, previous_end: int, unit: str) -> _Context:
-    # The words since the previous value or box, up to the next one (or a clause's end): a repair ("not measured",
-    # "[box not measured]") bounds them as the value it replaced did, so that checking a
-    # repaired answer again reads every number the same way.
+    # The words since the previous value or box, up to the next one or a clause's end. A repair
+    # ("not measured", "[box not measured]") bounds them as the value it replaced did, so that
+    # checking a repaired answer again reads every number the same way.
     before = sentence[previous_end:start].rsplit(NOT_MEASURED, 1)[-1]
     after = re.split(rf"[,;(\[\d]|{NOT_MEASURED}", sentence[end : end + 40], maxsplit=1)[0]
     named = _quantity_at(before, last=True)
