@@ -17,7 +17,7 @@ from services.gateway.analyses.api_router import OverlaysForm, PixelSizeForm, pa
 from services.gateway.batches import results
 from services.gateway.batches.admission import BatchRefused, Limits, admit
 from services.gateway.batches.protocol import BatchOptions, BatchStatus
-from services.gateway.problems import PROBLEM_RESPONSES, Problem
+from services.gateway.problems import PROBLEM_RESPONSES, Problem, out_of_space, storage_full
 from services.gateway.rate_limits import AnalysisTenant, RequestTenant
 from services.gateway.store import BatchRecord, ResultsStore
 
@@ -40,11 +40,26 @@ async def _record(request: Request, tenant: str, batch_id: str) -> BatchRecord:
     return record
 
 
+# OpenAPI links: what a client (or schemathesis's stateful phase) can do with a new batch's id.
+_BATCH_LINKS = {
+    name: {
+        "operationRef": f"#/paths/~1v1~1batches~1{{batch_id}}{suffix}/{method}",
+        "parameters": {"batch_id": "$response.body#/id"},
+    }
+    for name, suffix, method in (
+        ("GetBatch", "", "get"),
+        ("CancelBatch", "", "delete"),
+        ("GetResultsJsonl", "~1results.jsonl", "get"),
+        ("GetResultsCsv", "~1results.csv", "get"),
+    )
+}
+
+
 @router.post(
     "/batches",
     status_code=202,
     response_model=BatchStatus,
-    responses=PROBLEM_RESPONSES,
+    responses={202: {"links": _BATCH_LINKS}, **PROBLEM_RESPONSES},
 )
 async def create_batch(
     request: Request,
@@ -86,8 +101,11 @@ async def create_batch(
     except BatchRefused as refused:
         shutil.rmtree(folder, ignore_errors=True)
         raise Problem(413, refused.code, "The batch was refused", refused.detail) from refused
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(error, OSError) and out_of_space(error):
+            logger.error("batch folder full", extra={"batch_id": batch_id})
+            raise storage_full() from error
         raise
     logger.info("batch accepted", extra={"batch_id": batch_id, "images": len(images)})
     try:
