@@ -74,6 +74,11 @@ class Analysis:
     overlays: dict[str, bytes] = field(default_factory=dict)  # layer -> PNG, FOV-crop pixels
 
 
+# A model listing is quick; a backend that takes longer is stalled. Never past the call's own
+# deadline, so that a stalled backend is a timeout within the deadline the operator set.
+LIST_MODELS_DEADLINE_S = 5.0
+
+
 async def model_versions(backends: Backends, request_id: str | None = None) -> list[str]:
     """Every model the analysis and lesion services serve, as sorted "name@version:sha256".
 
@@ -85,13 +90,17 @@ async def model_versions(backends: Backends, request_id: str | None = None) -> l
         _call(
             "analysis",
             backends.analysis.ListModels(
-                common_pb2.ListModelsRequest(), timeout=5, metadata=metadata
+                common_pb2.ListModelsRequest(),
+                timeout=min(LIST_MODELS_DEADLINE_S, backends.analysis_deadline_s),
+                metadata=metadata,
             ),
         ),
         _call(
             "lesion",
             backends.lesion.ListModels(
-                common_pb2.ListModelsRequest(), timeout=5, metadata=metadata
+                common_pb2.ListModelsRequest(),
+                timeout=min(LIST_MODELS_DEADLINE_S, backends.lesion_deadline_s),
+                metadata=metadata,
             ),
         ),
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -9,8 +10,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,12 +135,14 @@ class Stack:
         self.services[name].start()
         wait_until(lambda: grpc_serving(self.address(name)), 30, f"{name} SERVING")
 
-    def start(self, with_gateway: bool = True, timeout_s: float = 30) -> None:
-        for name in BACKENDS:
+    def start(
+        self, with_gateway: bool = True, timeout_s: float = 30, backends: Sequence[str] = BACKENDS
+    ) -> None:
+        for name in backends:
             self.services[name].start()
         if with_gateway:
             self.services["gateway"].start()
-        for name in BACKENDS:
+        for name in backends:
             wait_until(lambda n=name: grpc_serving(self.address(n)), timeout_s, f"{name} SERVING")
         if with_gateway:
             wait_until(self._gateway_up, timeout_s, "the gateway")
@@ -225,6 +229,71 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@dataclass
+class PostgresCluster:
+    """A PostgreSQL cluster of its own (initdb) on a free port, to stop and restart at will
+    without disturbing the machine's server. Run as the postgres user: initdb refuses root."""
+
+    directory: Path
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *command: str) -> None:
+        as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run([*as_postgres, *command], check=True, capture_output=True, timeout=60)
+
+    def create(self) -> None:
+        initdb = shutil.which("initdb") or "initdb"
+        data = str(self.directory / "data")
+        self._run(initdb, "-D", data, "-U", "postgres", "--auth=trust", "--no-sync")
+
+    def _pg_ctl(self, *args: str) -> None:
+        pg_ctl = shutil.which("pg_ctl") or "pg_ctl"
+        self._run(pg_ctl, "-D", str(self.directory / "data"), "-w", "-t", "30", *args)
+
+    def start(self) -> None:
+        # Sockets in its own folder, and no fsync: a test cluster, fast to stop and start.
+        options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._pg_ctl("-l", str(self.directory / "postgres.log"), "-o", options, "start")
+
+    def stop(self) -> None:
+        self._pg_ctl("-m", "fast", "stop")
+
+    def restart(self) -> None:
+        # The same options again (pg_ctl keeps them), and the log: not our captured stdout.
+        self._pg_ctl("-m", "fast", "-l", str(self.directory / "postgres.log"), "restart")
+
+    @property
+    def log(self) -> str:
+        return (self.directory / "postgres.log").read_text(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A scratch PostgreSQL cluster; skipped where initdb/pg_ctl are missing or fail."""
+    if shutil.which("initdb") is None or shutil.which("pg_ctl") is None:
+        pytest.skip("initdb/pg_ctl are not installed")
+    directory = Path(tempfile.mkdtemp(prefix="retinal-pg-"))  # /tmp: the postgres user's too
+    cluster = PostgresCluster(directory, free_port())
+    try:
+        if os.geteuid() == 0:
+            shutil.chown(directory, "postgres")
+        cluster.create()
+        cluster.start()
+    except (OSError, LookupError, subprocess.SubprocessError) as error:
+        shutil.rmtree(directory, ignore_errors=True)
+        pytest.skip(f"no scratch PostgreSQL cluster: {error}")
+    try:
+        yield cluster
+    finally:
+        with contextlib.suppress(subprocess.SubprocessError):
+            cluster.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def reported_lesion_types() -> list[str]:

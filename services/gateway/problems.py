@@ -6,7 +6,9 @@ the last segment for convenience.
 
 from __future__ import annotations
 
+import errno
 import logging
+import sqlite3
 
 import grpc
 from fastapi import FastAPI, Request
@@ -54,7 +56,7 @@ class Problem(Exception):
 
 PROBLEM_RESPONSES: dict[int | str, dict[str, object]] = {
     status: {"model": ProblemDetails, "content": {PROBLEM_MEDIA_TYPE: {}}}
-    for status in (400, 401, 404, 413, 415, 422, 429, 503, 504)
+    for status in (400, 401, 404, 413, 415, 422, 429, 503, 504, 507)
 }
 
 # Ingestion refusals whose HTTP status is not the default 422.
@@ -66,6 +68,27 @@ _BACKEND_PROBLEMS: dict[grpc.StatusCode, tuple[int, str, str]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: (503, "backend-busy", "A backend service is busy"),
     grpc.StatusCode.INVALID_ARGUMENT: (422, "invalid-input", "A backend refused the input"),
 }
+
+
+def out_of_space(error: BaseException) -> bool:
+    """The disk (or quota) under the results store or the batch folder is full."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(error, sqlite3.Error):
+        return error.sqlite_errorcode == sqlite3.SQLITE_FULL
+    return getattr(error, "sqlstate", None) == "53100"  # PostgreSQL's disk_full
+
+
+def storage_full() -> Problem:
+    """507: unlike an outage (503), space comes back only when an operator frees it."""
+    return Problem(
+        507,
+        "storage-full",
+        "The results store is full",
+        "no space is left where results are kept, so nothing of this request was stored; "
+        "retry once space has been freed",
+        headers={"Retry-After": "60"},
+    )
 
 
 def problem_details(request: Request, problem: Problem) -> ProblemDetails:
@@ -123,7 +146,10 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OperationalError)
     async def _store(request: Request, exc: OperationalError) -> JSONResponse:
-        # The database is down, full or refusing connections: retryable, not a bug.
+        if out_of_space(exc.orig):
+            logger.error("results store full", extra={"error": type(exc.orig).__name__})
+            return problem_response(request, storage_full())
+        # The database is down or refusing connections: retryable, not a bug.
         logger.warning("results store error", extra={"error": type(exc.orig).__name__})
         return problem_response(
             request,
