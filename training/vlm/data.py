@@ -8,7 +8,9 @@ dataset's labels are attached, and conversations are written by seeded templates
 (`training/vlm/conversations.py`) in LLaVA JSONL: `{split}_{track}.jsonl` for the splits
 `train` / `heldout` (by image: a stable hash puts about one image in five in heldout) and the
 tracks `alignment` / `instruction`. `stats.json` counts turns, question types and token
-lengths. Images are referenced by path, never copied.
+lengths. Images are referenced by path, never copied. With `--endpoint URL` an
+OpenAI-compatible server writes the instruction conversations instead (cached, resumable,
+every answer grounding-checked: `training/vlm/endpoint_writer.py`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tqdm import tqdm
 
 from shared import findings as F
 from training.vlm import conversations
+from training.vlm.endpoint_writer import Endpoint, EndpointWriter
 from training.vlm.records import LabeledImage
 
 REPO = Path(__file__).resolve().parents[2]
@@ -120,7 +123,29 @@ def build(
     out: Path,
     seed: int,
     instruction_per_image: int,
+    writer: EndpointWriter | None = None,
 ) -> dict[str, object]:
+    """Write the JSONL files and stats.json. With `writer`, the instruction conversations are
+    the endpoint's where it wrote acceptable ones, the templates' otherwise."""
+    planned = []
+    for image in tqdm(images, desc="findings", unit="img"):
+        result = cache.get(image)
+        rng = random.Random(f"{seed}/{image.dataset}/{image.image_id}")
+        aligned = conversations.alignment(rng, result)
+        templates = [
+            conversations.instruction(rng, result, image) for _ in range(instruction_per_image)
+        ]
+        planned.append((image, result, aligned, templates))
+    generated: list[list[conversations.Turn] | None] = []
+    if writer is not None:
+        requests = [
+            writer.request(f"{image.dataset}/{image.image_id}", result, index, len(turns))
+            for image, result, _, templates in planned
+            for index, turns in enumerate(templates)
+        ]
+        generated = writer.write(requests)
+    written = iter(generated)
+
     out.mkdir(parents=True, exist_ok=True)
     files = {
         (split, track): (out / f"{split}_{track}.jsonl").open("w")
@@ -132,23 +157,15 @@ def build(
     answer_words: list[int] = []
     per_split: Counter[str] = Counter()
     try:
-        for image in tqdm(images, desc="images", unit="img"):
-            result = cache.get(image)
+        for image, result, aligned, templates in planned:
             split = split_of(image)
             per_split[split] += 1
-            rng = random.Random(f"{seed}/{image.dataset}/{image.image_id}")
-            record = conversations.to_llava(
-                f"{image.dataset}/{image.image_id}/alignment",
-                image,
-                conversations.alignment(rng, result),
-                result,
-            )
+            name = f"{image.dataset}/{image.image_id}"
+            record = conversations.to_llava(f"{name}/alignment", image, aligned, result)
             files[split, "alignment"].write(json.dumps(record) + "\n")
-            for index in range(instruction_per_image):
-                turns = conversations.instruction(rng, result, image)
-                record = conversations.to_llava(
-                    f"{image.dataset}/{image.image_id}/instruction/{index}", image, turns, result
-                )
+            for index, template in enumerate(templates):
+                turns = next(written, None) or template
+                record = conversations.to_llava(f"{name}/instruction/{index}", image, turns, result)
                 files[split, "instruction"].write(json.dumps(record) + "\n")
                 kinds.update(t.kind for t in turns)
                 turns_per.append(len(turns))
@@ -168,6 +185,8 @@ def build(
         },
         "seed": seed,
     }
+    if writer is not None:
+        stats["endpoint"] = {"model": writer.endpoint.model, **writer.counts}
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
 
@@ -179,12 +198,33 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=list(LOCAL_DATASETS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--instruction-per-image", type=int, default=8)
+    endpoint = parser.add_argument_group(
+        "endpoint", "conversations written by an OpenAI-compatible server instead of templates"
+    )
+    endpoint.add_argument("--endpoint", help="its /v1 base URL, e.g. http://127.0.0.1:8000/v1")
+    endpoint.add_argument("--endpoint-model", default="gpt-4o-mini")
+    endpoint.add_argument(
+        "--endpoint-key-env", default="OPENAI_API_KEY", help="environment variable with its key"
+    )
+    endpoint.add_argument("--endpoint-concurrency", type=int, default=4)
+    endpoint.add_argument("--endpoint-cache", type=Path, default=REPO / "var/vlm/endpoint")
     args = parser.parse_args()
     images = list(local_images(tuple(args.datasets)))
     if not images:
         raise SystemExit(f"no images under {DATASETS}")
+    writer = None
+    if args.endpoint:
+        writer = EndpointWriter(
+            Endpoint(
+                args.endpoint,
+                args.endpoint_model,
+                os.environ.get(args.endpoint_key_env, ""),
+                args.endpoint_concurrency,
+            ),
+            args.endpoint_cache,
+        )
     stats = build(
-        images, FindingsCache(args.cache), args.out, args.seed, args.instruction_per_image
+        images, FindingsCache(args.cache), args.out, args.seed, args.instruction_per_image, writer
     )
     print(json.dumps(stats, indent=2))
 
