@@ -70,7 +70,7 @@ bench: setup
 	$(BIN)/python -m bench.lesions
 	$(BIN)/python -m bench.batches
 
-# A local stack under locust for 45 s, failing on any error or on a p95 over its bound.
+# A local stack under locust for 40 s, failing on any error or on a p95 over its bound.
 loadtest: setup
 	$(BIN)/python -m bench.loadtest --short
 

@@ -4,7 +4,7 @@ batches carried to completion by the worker, and grounded chat answers.
 Run by `make loadtest` / `python -m bench.loadtest`, which start a local stack, drive it with
 locust headless and judge the result. Every analysis and every batch carries a different pixel
 size, so none is answered from the results cache. Each user runs the same cycle of tasks
-(`Visit`), so that even the 45 s form exercises every endpoint.
+(`Visit`), so that even the 40 s form exercises every endpoint.
 """
 
 from __future__ import annotations
