@@ -842,6 +842,14 @@ REQUEST_CASES = [
         "validation-error",
     ),
     _request("chat-empty-message", Conversation((("user", ""),)), 422, "validation-error"),
+    # Within every cap, but about 120,000 tokens: the language service refuses it before its
+    # model runs (the model's context is 8,192 tokens at most).
+    _request(
+        "chat-over-the-model-context",
+        Conversation(_turns(MAX_MESSAGES - 1, MAX_MESSAGE_CHARS)),
+        422,
+        "invalid-input",
+    ),
     _request(
         "chat-max-tokens-over-cap",
         Conversation((("user", "hi"),), max_tokens=10**9),

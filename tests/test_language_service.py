@@ -199,6 +199,19 @@ def test_bad_requests_are_invalid_argument(
     assert message in error.value.details()
 
 
+def test_a_conversation_longer_than_the_model_s_context_is_refused_at_once(
+    language: Language,
+) -> None:
+    """Within the turn caps but far over the context: refused before the model runs (on a
+    CPU the prompt alone would keep the model busy for minutes)."""
+    turn = " ".join(f"rétine{i}" for i in range(700))  # thousands of tokens, under 8000 chars
+    request = _request(history=(turn, "noted") * 6)
+    with grpc.insecure_channel(language.address) as channel, pytest.raises(grpc.RpcError) as error:
+        language_pb2_grpc.LanguageServiceStub(channel).Chat(request, timeout=60)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "context" in error.value.details()
+
+
 def test_a_full_queue_answers_busy(tmp_path: Path) -> None:
     """transformers runs one conversation; with one queue place the third call is refused at
     once, and cancelling the other two frees the model."""

@@ -8,6 +8,7 @@ first words arrive at the end of the first sentence rather than at the first tok
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
 from collections.abc import AsyncIterator
@@ -46,6 +47,7 @@ _BOUNDARY = re.compile(r"(?<=[.!?;:])\s+|\n")
 # stalls on a model that forgets full stops; grounding then sees that piece alone.
 _LONGEST_PENDING = 240
 _SPACE = re.compile(r"\s+")
+MIN_ANSWER_TOKENS = 16
 _ROLES = {language_pb2.ROLE_USER: "user", language_pb2.ROLE_ASSISTANT: "assistant"}
 
 
@@ -129,6 +131,20 @@ class ChatEngine:
             chat_template=self._template,
         )
         return _Turn(GroundingChecker(facts, boxes, stated_texts(findings)), generation)
+
+    async def fit(self, turn: _Turn) -> None:
+        """Fit the answer into the model's context: max_tokens is cut to what the context has
+        left; ValueError when the prompt leaves no room (a conversation over the context would
+        otherwise fail late, or on a CPU keep the model busy for minutes on a doomed prompt)."""
+        prompt_tokens, context = await self.backend.measure(turn.generation)
+        room = context - prompt_tokens
+        if room < MIN_ANSWER_TOKENS:
+            raise ValueError(
+                f"the conversation and findings are {prompt_tokens} tokens; the model's context "
+                f"is {context}, leaving no room for an answer: shorten the conversation"
+            )
+        max_tokens = min(turn.generation.max_tokens, room)
+        turn.generation = dataclasses.replace(turn.generation, max_tokens=max_tokens)
 
     async def stream(self, turn: _Turn) -> AsyncIterator[str]:
         """Grounded text, a sentence at a time; `turn` holds the report and usage after."""

@@ -133,6 +133,10 @@ class LanguageServicer(language_pb2_grpc.LanguageServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if not self._ready:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the language model is loading")
+        try:
+            await self.engine.fit(turn)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         started = time.perf_counter()
         try:
             async for text in self.engine.stream(turn):

@@ -40,6 +40,10 @@ class ChatBackend(Protocol):
 
     async def close(self) -> None: ...
 
+    async def measure(self, generation: Generation) -> tuple[int, int]:
+        """(the prompt's tokens, image included; the model's context length in tokens)."""
+        ...
+
     def generate(self, generation: Generation) -> AsyncIterator[Delta]:
         """Stream the answer; closing the iterator stops the generation."""
         ...

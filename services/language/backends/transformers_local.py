@@ -66,6 +66,12 @@ class TransformersBackend:
             images=images, text=prompt, add_special_tokens=False, return_tensors="pt"
         ).to(self._device)
 
+    async def measure(self, generation: Generation) -> tuple[int, int]:
+        assert self._model is not None, "start() first"
+        inputs = await asyncio.to_thread(self._inputs, generation)
+        context = self._model.config.text_config.max_position_embeddings
+        return int(inputs["input_ids"].shape[1]), int(context)
+
     async def generate(self, generation: Generation) -> AsyncIterator[Delta]:
         assert self._model is not None, "start() first"
         inputs = await asyncio.to_thread(self._inputs, generation)

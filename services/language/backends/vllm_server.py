@@ -135,6 +135,22 @@ class VllmServerBackend:
             os.killpg(self._process.pid, signal.SIGKILL)
             await asyncio.to_thread(self._process.wait)
 
+    async def measure(self, generation: Generation) -> tuple[int, int]:
+        """vLLM's own count (/tokenize renders the chat template and the image's tokens)."""
+        assert self._client is not None, "start() first"
+        body: dict[str, Any] = {
+            "model": self._served_name,
+            "messages": openai_messages(generation),
+            "add_generation_prompt": True,
+        }
+        if generation.chat_template is not None:
+            body["chat_template"] = generation.chat_template
+        response = await self._client.post("/tokenize", json=body)
+        if response.status_code != 200:
+            raise RuntimeError(f"vLLM answered {response.status_code}: {response.text[:500]}")
+        counted = response.json()
+        return int(counted["count"]), int(counted["max_model_len"])
+
     async def generate(self, generation: Generation) -> AsyncIterator[Delta]:
         assert self._client is not None, "start() first"
         body: dict[str, Any] = {
