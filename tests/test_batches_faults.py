@@ -16,6 +16,7 @@ from sqlalchemy import create_engine, text
 
 from tests.batching import BatchStack
 from tests.conftest import fundus_png, wait_until
+from tests.reliability import record
 
 pytestmark = pytest.mark.slow
 
@@ -45,13 +46,8 @@ def _wait_done(batches: BatchStack, batch_id: str, at_least: int) -> None:
 
 def _assert_nothing_lost_or_doubled(batches: BatchStack, batch_id: str) -> None:
     status = batches.wait_final(batch_id, 120)
-    assert status["state"] == "completed", status
-    assert status["counts"]["done"] == IMAGES
     lines = [json.loads(line) for line in batches.results(batch_id, "jsonl").text.splitlines()]
-    assert [line["position"] for line in lines] == list(range(IMAGES))
-    assert all(line["state"] == "done" and line["findings"] for line in lines)
     hashes = {line["content_sha256"] for line in lines}
-    assert len(hashes) == IMAGES
     engine = create_engine(f"sqlite:///{batches.tmp / 'results.db'}")
     with engine.connect() as connection:
         stored = connection.execute(
@@ -59,6 +55,17 @@ def _assert_nothing_lost_or_doubled(batches: BatchStack, batch_id: str) -> None:
         ).scalars()
         stored_hashes = [json.loads(findings)["image"]["content_sha256"] for findings in stored]
     engine.dispose()
+    record(
+        "faults",
+        injected=1,
+        accepted_lost=IMAGES - len(hashes & set(stored_hashes)),
+        duplicates=len(stored_hashes) - len(set(stored_hashes)),
+    )
+    assert status["state"] == "completed", status
+    assert status["counts"]["done"] == IMAGES
+    assert [line["position"] for line in lines] == list(range(IMAGES))
+    assert all(line["state"] == "done" and line["findings"] for line in lines)
+    assert len(hashes) == IMAGES
     assert sorted(stored_hashes) == sorted(hashes)  # one stored analysis per image
 
 
@@ -95,6 +102,7 @@ def test_a_backend_down_is_retried_with_backoff_until_it_is_back(batches: BatchS
     assert batches.status(batch_id)["counts"]["done"] == 0
     batches.stack.start_backend("lesion")
     status = batches.wait_final(batch_id, 90)
+    record("faults", injected=1, accepted_lost=3 - status["counts"]["done"])
     assert status["state"] == "completed", status
     retries = [
         json.loads(line)
