@@ -105,39 +105,50 @@ def test_every_api_operation_refuses_a_missing_or_wrong_key(
         {"Authorization": f"Bearer {KEYS['clinic-a']}x"},
         {"Authorization": "Bearer"},
     )
-    attempts = 0
-    for method, template in operations:
-        for headers in wrong:
-            reply = httpx.request(method, f"{url}{_fill(template, owned)}", headers=headers)
-            _is_problem(reply, 401, "unauthorized")
-            attempts += 1
-    record("authentication", attempts=attempts, successes=0)
+    replies = [
+        httpx.request(method, f"{url}{_fill(template, owned)}", headers=headers)
+        for method, template in operations
+        for headers in wrong
+    ]
+    record(
+        "authentication",
+        attempts=len(replies),
+        successes=sum(reply.status_code < 400 for reply in replies),
+    )
+    for reply in replies:
+        _is_problem(reply, 401, "unauthorized")
 
 
 def test_no_tenant_reaches_another_tenants_objects(full: BatchStack, owned: dict[str, str]) -> None:
     """clinic-b, with a valid key of its own, addresses clinic-a's objects by their ids on
-    every operation that takes an id: each answer is the 404 of an id that does not exist,
-    and clinic-a's objects are untouched afterwards."""
+    every operation that takes an id, as written and percent-encoded (decoded to the same id
+    by the server): each answer is the 404 of an id that does not exist, and clinic-a's
+    objects are untouched afterwards."""
     url = full.stack.url
     by_id = [(m, t) for m, t in _operations(url) if "{" in t]
     assert {t for _, t in by_id} >= {"/v1/analyses/{analysis_id}", "/v1/batches/{batch_id}"}
-    attempts = successes = 0
-    for method, template in by_id:
-        reply = httpx.request(method, f"{url}{_fill(template, owned)}", headers=auth("clinic-b"))
-        attempts += 1
-        successes += reply.status_code < 400
-        _is_problem(reply, 404, "not-found")
+    encoded = {name: "".join(f"%{ord(c):02X}" for c in value) for name, value in owned.items()}
+    as_owner = httpx.get(f"{url}/v1/analyses/{encoded['analysis_id']}", headers=auth("clinic-a"))
+    assert as_owner.status_code == 200  # the encoded id is the same id to the server
+    replies = [
+        httpx.request(method, f"{url}{_fill(template, ids)}", headers=auth("clinic-b"))
+        for method, template in by_id
+        for ids in (owned, encoded)
+    ]
     # Ids in bodies: a chat, plain and OpenAI-shaped, about clinic-a's analysis.
     question = [{"role": "user", "content": "What is the cup-to-disc ratio?"}]
     for path in ("/v1/chat", "/v1/chat/completions"):
         body = {"analysis_id": owned["analysis_id"], "messages": question, "max_tokens": 8}
         if path.endswith("completions"):
             body["model"] = "retinalgpt"
-        reply = httpx.post(f"{url}{path}", json=body, headers=auth("clinic-b"), timeout=120)
-        attempts += 1
-        successes += reply.status_code < 400
+        replies.append(httpx.post(f"{url}{path}", json=body, headers=auth("clinic-b"), timeout=120))
+    record(
+        "cross_tenant",
+        attempts=len(replies),
+        successes=sum(reply.status_code < 400 for reply in replies),
+    )
+    for reply in replies:
         _is_problem(reply, 404, "not-found")
-    record("cross_tenant", attempts=attempts, successes=successes)
 
     analysis = httpx.get(f"{url}/v1/analyses/{owned['analysis_id']}", headers=auth("clinic-a"))
     batch = httpx.get(f"{url}/v1/batches/{owned['batch_id']}", headers=auth("clinic-a"))
