@@ -47,6 +47,7 @@ _BOUNDARY = re.compile(r"(?<=[.!?;:])\s+|\n")
 # stalls on a model that forgets full stops; grounding then sees that piece alone.
 _LONGEST_PENDING = 240
 _SPACE = re.compile(r"\s+")
+# The fewest answer tokens worth generating: a prompt leaving less room is refused.
 MIN_ANSWER_TOKENS = 16
 _ROLES = {language_pb2.ROLE_USER: "user", language_pb2.ROLE_ASSISTANT: "assistant"}
 
