@@ -18,6 +18,7 @@ import time
 from typing import Annotated, Literal
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from limits import parse, storage, strategies
 from limits.errors import StorageError
 
@@ -28,8 +29,7 @@ logger = logging.getLogger(__name__)
 
 Budget = Literal["analyses", "chats", "requests"]
 
-# Seconds a Redis counter may take: the check runs on the event loop, so a stalled Redis must
-# not hold every request (the default is to wait forever).
+# Seconds a Redis counter may take (the default is to wait forever).
 REDIS_TIMEOUT_S = 0.5
 
 
@@ -80,7 +80,9 @@ class RateLimits:
 
 def _quota(budget: Budget):  # type: ignore[no-untyped-def]
     async def take(request: Request, tenant: Annotated[str, Depends(current_tenant)]) -> str:
-        request.app.state.rate_limits.take(tenant, budget)
+        # In a worker thread: a stalled Redis then delays this request alone, not the event
+        # loop and every request with it (the memory storage is thread-safe).
+        await run_in_threadpool(request.app.state.rate_limits.take, tenant, budget)
         return tenant
 
     return take
