@@ -92,6 +92,11 @@ def _fill(template: str, values: dict[str, str]) -> str:
     return re.sub(r"{(\w+)}", lambda match: values[match.group(1)], template)
 
 
+def _record_attempts(section: str, replies: list[httpx.Response]) -> None:
+    """Attempts that should all fail, and how many did not (an answer under 400)."""
+    record(section, attempts=len(replies), successes=sum(r.status_code < 400 for r in replies))
+
+
 def test_every_api_operation_refuses_a_missing_or_wrong_key(
     full: BatchStack, owned: dict[str, str]
 ) -> None:
@@ -110,11 +115,7 @@ def test_every_api_operation_refuses_a_missing_or_wrong_key(
         for method, template in operations
         for headers in wrong
     ]
-    record(
-        "authentication",
-        attempts=len(replies),
-        successes=sum(reply.status_code < 400 for reply in replies),
-    )
+    _record_attempts("authentication", replies)
     for reply in replies:
         _is_problem(reply, 401, "unauthorized")
 
@@ -142,11 +143,7 @@ def test_no_tenant_reaches_another_tenants_objects(full: BatchStack, owned: dict
         if path.endswith("completions"):
             body["model"] = "retinalgpt"
         replies.append(httpx.post(f"{url}{path}", json=body, headers=auth("clinic-b"), timeout=120))
-    record(
-        "cross_tenant",
-        attempts=len(replies),
-        successes=sum(reply.status_code < 400 for reply in replies),
-    )
+    _record_attempts("cross_tenant", replies)
     for reply in replies:
         _is_problem(reply, 404, "not-found")
 

@@ -35,33 +35,25 @@ from tests.test_ingestion import MUTATION_SEEDS, assert_normalised, dicom, fundu
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def fuzz(strategy: st.SearchStrategy[Any], examples: tuple[int, int]) -> Callable[..., int]:
-    """Turn `check(value)` into a runner of `check` over `strategy` that returns how many
-    examples it tried (for the reliability report)."""
+def fuzz(strategy: st.SearchStrategy[Any], examples: tuple[int, int], check: Callable) -> int:
+    """Run `check(value)` over `strategy`; how many examples it tried (for the report)."""
+    tried = 0
 
-    def decorate(check: Callable[[Any], None]) -> Callable[[], int]:
-        tried = 0
+    @settings(
+        max_examples=scaled(*examples),
+        deadline=None,
+        derandomize=not LONG,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(strategy)
+    def run(value: Any) -> None:
+        nonlocal tried
+        tried += 1
+        check(value)
 
-        @settings(
-            max_examples=scaled(*examples),
-            deadline=None,
-            derandomize=not LONG,
-            database=None,
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-        )
-        @given(strategy)
-        def run(value: Any) -> None:
-            nonlocal tried
-            tried += 1
-            check(value)
-
-        def runner() -> int:
-            run()
-            return tried
-
-        return runner
-
-    return decorate
+    run()
+    return tried
 
 
 def decoded_or_refused(data: bytes) -> None:
@@ -96,13 +88,11 @@ def damaged_files(draw: st.DrawFn) -> bytes:
 
 
 def test_any_bytes_are_decoded_or_refused() -> None:
-    runner = fuzz(st.binary(max_size=2048), (150, 5000))(decoded_or_refused)
-    record("fuzz", examples=runner())
+    record("fuzz", examples=fuzz(st.binary(max_size=2048), (150, 5000), decoded_or_refused))
 
 
 def test_damaged_files_of_every_format_are_decoded_or_refused() -> None:
-    runner = fuzz(damaged_files(), (200, 5000))(decoded_or_refused)
-    record("fuzz", examples=runner())
+    record("fuzz", examples=fuzz(damaged_files(), (200, 5000), decoded_or_refused))
 
 
 @st.composite
@@ -148,8 +138,7 @@ def dicom_headers(draw: st.DrawFn) -> bytes:
 
 
 def test_dicom_headers_that_lie_are_decoded_or_refused() -> None:
-    runner = fuzz(dicom_headers(), (100, 3000))(decoded_or_refused)
-    record("fuzz", examples=runner())
+    record("fuzz", examples=fuzz(dicom_headers(), (100, 3000), decoded_or_refused))
 
 
 # --------------------------------------------------------------------------- grounding
@@ -192,5 +181,4 @@ def grounded(answer: str) -> None:
 
 
 def test_the_grounding_checker_accepts_only_measured_values_and_its_repair_is_final() -> None:
-    runner = fuzz(answers(), (300, 10000))(grounded)
-    record("fuzz", examples=runner())
+    record("fuzz", examples=fuzz(answers(), (300, 10000), grounded))

@@ -24,7 +24,7 @@ from services.language.prompting import stated_texts
 from services.language.settings import LanguageSettings
 from tests.conftest import free_port, wait_until
 from tests.findings_examples import example_findings
-from tests.test_vlm_pipeline import MINI, _image
+from tests.test_vlm_pipeline import MINI, images_with_findings
 from training.vlm import data
 from training.vlm.endpoint_writer import Endpoint, EndpointWriter, GeneratedConversation
 
@@ -68,12 +68,7 @@ def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def test_conversations_from_an_endpoint_are_checked_cached_and_resumed(
     endpoint: str, tmp_path: Path
 ) -> None:
-    images = [_image(tmp_path, f"img{i}") for i in range(3)]
-    cache = data.FindingsCache(tmp_path / "findings")
-    for image in images:
-        target = cache.folder / image.dataset / f"{image.image_id}.json"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(example_findings().model_dump_json(exclude_none=True))
+    images, cache = images_with_findings(tmp_path, 3)
     replies = tmp_path / "replies"
 
     def build() -> dict[str, int]:

@@ -26,6 +26,20 @@ def _image(tmp_path: Path, name: str) -> LabeledImage:
     return LabeledImage("TEST", name, path, {"diagnosis": "none"})
 
 
+def images_with_findings(
+    tmp_path: Path, count: int
+) -> tuple[list[LabeledImage], data.FindingsCache]:
+    """`count` images and a findings cache holding, for each, the example findings (as the
+    engines would have cached them)."""
+    images = [_image(tmp_path, f"img{i}") for i in range(count)]
+    cache = data.FindingsCache(tmp_path / "cache")
+    for image in images:
+        target = cache.folder / image.dataset / f"{image.image_id}.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(example_findings().model_dump_json(exclude_none=True))
+    return images, cache
+
+
 def test_conversations_are_seeded_varied_and_state_measured_values() -> None:
     result = example_findings()
     image = LabeledImage("TEST", "a", Path("a.png"))
@@ -48,12 +62,7 @@ def test_conversations_are_seeded_varied_and_state_measured_values() -> None:
 
 
 def test_build_writes_llava_jsonl_splits_and_stats(tmp_path: Path) -> None:
-    images = [_image(tmp_path, f"img{i}") for i in range(12)]
-    cache = data.FindingsCache(tmp_path / "cache")
-    for image in images:  # findings as the engines would have cached them
-        target = cache.folder / image.dataset / f"{image.image_id}.json"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(example_findings().model_dump_json(exclude_none=True))
+    images, cache = images_with_findings(tmp_path, 12)
     stats = data.build(images, cache, tmp_path / "out", seed=0, instruction_per_image=2)
     splits = {data.split_of(image) for image in images}
     assert stats["instruction_conversations"] == 24

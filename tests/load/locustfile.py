@@ -57,20 +57,32 @@ class Visit(SequentialTaskSet):
     def on_start(self) -> None:
         self.analysis_ids: list[str] = []
 
-    def analyse(self) -> None:
+    def post(self, path: str, expected: int, timeout: float, **body: Any) -> dict | None:
+        """POST, counted under its path; the JSON answer, or None (a failure) when its status
+        is not `expected`."""
         with self.client.post(
+            path,
+            headers=HEADERS,
+            name=f"POST {path}",
+            catch_response=True,
+            timeout=timeout,
+            **body,
+        ) as reply:
+            if reply.status_code != expected:
+                reply.failure(f"{reply.status_code}: {reply.text[:200]}")
+                return None
+            return reply.json()
+
+    def analyse(self) -> None:
+        created = self.post(
             "/v1/analyses",
+            200,
+            120,
             files={"file": (IMAGE_PATH.name, IMAGE)},
             data={"pixel_size_um": _pixel_size(), "overlays": "combined,lesions"},
-            headers=HEADERS,
-            name="POST /v1/analyses",
-            catch_response=True,
-            timeout=120,
-        ) as reply:
-            if reply.status_code != 200:
-                reply.failure(f"{reply.status_code}: {reply.text[:200]}")
-                return
-            self.analysis_ids.append(reply.json()["id"])
+        )
+        if created is not None:
+            self.analysis_ids.append(created["id"])
 
     def read_back(self) -> None:
         if self.analysis_ids:
@@ -85,19 +97,12 @@ class Visit(SequentialTaskSet):
     def batch(self) -> None:
         """Submit two images, then poll the batch until the worker has finished both."""
         started = time.perf_counter()
-        with self.client.post(
-            "/v1/batches",
-            files=BATCH_FILES,
-            data={"pixel_size_um": _pixel_size()},
-            headers=HEADERS,
-            name="POST /v1/batches",
-            catch_response=True,
-            timeout=60,
-        ) as reply:
-            if reply.status_code != 202:
-                reply.failure(f"{reply.status_code}: {reply.text[:200]}")
-                return
-            batch_id = reply.json()["id"]
+        submitted = self.post(
+            "/v1/batches", 202, 60, files=BATCH_FILES, data={"pixel_size_um": _pixel_size()}
+        )
+        if submitted is None:
+            return
+        batch_id = submitted["id"]
         status: dict[str, Any] = {}
         while time.perf_counter() - started < BATCH_DEADLINE_S:
             time.sleep(BATCH_POLL_S)
@@ -130,20 +135,16 @@ class Visit(SequentialTaskSet):
         if not self.analysis_ids:
             return
         question = {"role": "user", "content": "What is the cup-to-disc ratio?"}
-        with self.client.post(
+        self.post(
             "/v1/chat",
+            200,
+            120,
             json={
                 "analysis_id": random.choice(self.analysis_ids),
                 "messages": [question],
                 "max_tokens": CHAT_MAX_TOKENS,
             },
-            headers=HEADERS,
-            name="POST /v1/chat",
-            catch_response=True,
-            timeout=120,
-        ) as reply:
-            if reply.status_code != 200:
-                reply.failure(f"{reply.status_code}: {reply.text[:200]}")
+        )
 
     tasks: ClassVar[list[Callable[[Visit], None]]] = [
         analyse, batch, read_back, model_cards, chat, analyse, read_back, analyse,

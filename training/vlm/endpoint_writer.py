@@ -102,13 +102,17 @@ class EndpointWriter:
         """Each request's checked conversation, or None where the endpoint gave none."""
         with ThreadPoolExecutor(self.endpoint.concurrency) as pool:
             replies = list(pool.map(self._reply, requests))
-        return [self._conversation(r, reply) for r, reply in zip(requests, replies, strict=True)]
+        self.counts.update(outcome for _, outcome in replies)  # counted here, not in threads
+        return [
+            self._conversation(request, content)
+            for request, (content, _) in zip(requests, replies, strict=True)
+        ]
 
-    def _reply(self, request: Request) -> str | None:
+    def _reply(self, request: Request) -> tuple[str | None, str]:
+        """The reply's content (None when the request failed) and where it came from."""
         path = self.cache / f"{request.key(self.endpoint.model)}.json"
         if path.is_file():
-            self.counts["cached"] += 1
-            return json.loads(path.read_text())["content"]
+            return json.loads(path.read_text())["content"], "cached"
         try:
             completion = self._client.chat.completions.create(
                 model=self.endpoint.model,
@@ -124,16 +128,14 @@ class EndpointWriter:
                 },
             )
         except openai.OpenAIError as error:
-            self.counts["failed_requests"] += 1
             logger.warning("endpoint request failed", extra={"error": str(error)[:300]})
-            return None
-        self.counts["sent"] += 1
+            return None, "failed_requests"
         content = completion.choices[0].message.content or ""
         self.cache.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(".part")
         temporary.write_text(json.dumps({"image": request.image_id, "content": content}))
         temporary.replace(path)  # a reply is cached whole or not at all
-        return content
+        return content, "sent"
 
     def _conversation(self, request: Request, content: str | None) -> list[Turn] | None:
         if content is None:
