@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from services.language.facts import facts_from_findings
+from services.language.prompting import describe
 from tests.findings_examples import example_findings
 from training.vlm import conversations, data
 from training.vlm.records import LabeledImage
@@ -61,13 +62,42 @@ def test_conversations_are_seeded_varied_and_state_measured_values() -> None:
     assert [t["from"] for t in record["conversations"]] == ["human", "gpt"] * len(first)  # type: ignore[union-attr]
 
 
+def test_values_track_asks_many_measured_values_and_one_never_measured() -> None:
+    result = example_findings()
+    facts = {f.key: f for f in facts_from_findings(result)[0]}
+    for seed in range(20):
+        turns = conversations.values(random.Random(seed), result, 8)
+        assert len(turns) == 8
+        assert [t.kind for t in turns].count("not_measured") == 1
+        asked = [t.fact_key for t in turns if t.fact_key]
+        assert len(asked) == 7 == len(set(asked))
+        for turn in turns:
+            if turn.fact_key:
+                assert facts[turn.fact_key].spoken in turn.question
+                assert facts[turn.fact_key].text in turn.answer
+            else:
+                assert not any(ch.isdigit() for ch in turn.answer)
+
+
+def test_the_prompt_names_each_vessel_value_as_a_question_does() -> None:
+    result = example_findings()
+    facts, boxes = facts_from_findings(result)
+    lines = describe(result, facts, boxes).splitlines()
+    for fact in conversations.askable_facts(result):
+        if fact.key.startswith("vessels."):
+            assert f"{fact.spoken}: {fact.text}" in lines
+
+
 def test_build_writes_llava_jsonl_splits_and_stats(tmp_path: Path) -> None:
     images, cache = images_with_findings(tmp_path, 12)
-    stats = data.build(images, cache, tmp_path / "out", seed=0, instruction_per_image=2)
+    stats = data.build(
+        images, cache, tmp_path / "out", seed=0, instruction_per_image=2, values_per_image=1
+    )
     splits = {data.split_of(image) for image in images}
     assert stats["instruction_conversations"] == 24
+    assert stats["values_conversations"] == 12
     for split in splits:
-        for track in ("alignment", "instruction"):
+        for track in ("alignment", "instruction", "values"):
             lines = (tmp_path / "out" / f"{split}_{track}.jsonl").read_text().splitlines()
             record = json.loads(lines[0])
             assert {"id", "image", "conversations", "findings", "labels"} <= set(record)
@@ -93,7 +123,7 @@ def test_only_the_assistant_turns_count_in_the_loss(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(conversations.to_llava("x", image, turns, example_findings())))
     processor = AutoProcessor.from_pretrained(MINI)
-    encoded = Encoder(processor, 49152, 49).encode(read_examples(path, with_findings=True)[0])
+    encoded = Encoder(processor, 49152, 49).encode(read_examples([path], with_findings=True)[0])
     labels = encoded["labels"]
     taught = processor.tokenizer.decode(labels[labels != IGNORE])
     assert taught == "".join(f"{t.answer}<|im_end|>\n" for t in turns)

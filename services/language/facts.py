@@ -57,6 +57,11 @@ _DISC_FIELDS = [
     ("cup_height", "cup_height", "cup height", 1, True),
     ("cup_width", "cup_width", "cup width", 1, True),
 ]
+_VESSEL_WORDS = {
+    findings.VesselType.ALL: "",
+    findings.VesselType.ARTERY: "arterial ",
+    findings.VesselType.VEIN: "venous ",
+}
 _CRAE_VESSEL = {"crae": findings.VesselType.ARTERY, "crve": findings.VesselType.VEIN}
 
 
@@ -73,6 +78,21 @@ class Fact:
     vessel: findings.VesselType | None = None
     region: findings.Region | None = None
     lesion: findings.LesionType | None = None
+
+    @property
+    def spoken(self) -> str:
+        """How the prompt and a question name it: '<arterial >label< in zone B>'."""
+        vessel = (
+            _VESSEL_WORDS.get(self.vessel, "")
+            if self.vessel and self.quantity not in ("crae", "crve", "avr")
+            else ""
+        )
+        region = (
+            f" in {REGION_NAMES[self.region]}"
+            if self.region is not None and self.region is not findings.Region.WHOLE
+            else ""
+        )
+        return f"{vessel}{self.label}{region}"
 
     @property
     def text(self) -> str:

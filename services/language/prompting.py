@@ -10,11 +10,10 @@ the LLaVA v0 "simple" template of the published RetinalGPT weights ("retinalgpt_
 
 from __future__ import annotations
 
-from collections import defaultdict
 from enum import StrEnum
 from typing import Any
 
-from services.language.facts import LESION_NAMES, REGION_NAMES, BoxFact, Fact
+from services.language.facts import LESION_NAMES, BoxFact, Fact
 from shared import findings
 
 INSTRUCTIONS = (
@@ -54,11 +53,6 @@ def _join(facts: list[Fact]) -> str:
 _ZONE_QUANTITIES = {"crae", "crve", "avr", "fractal_dimension", "vessel_density", "average_width"}
 # Lesions listed one by one (largest first); the rest are counted.
 MAX_LESIONS_DESCRIBED = 5
-_VESSEL_GROUPS = {
-    findings.VesselType.ALL: "all vessels",
-    findings.VesselType.ARTERY: "arteries",
-    findings.VesselType.VEIN: "veins",
-}
 
 
 def in_prompt(fact: Fact) -> bool:
@@ -67,27 +61,19 @@ def in_prompt(fact: Fact) -> bool:
 
 
 def _vessel_lines(facts: list[Fact]) -> list[str]:
-    """Per region, each quantity once: "fractal dimension: all vessels 1.482, arteries 1.371".
+    """One line per value, named as a question names it: "arterial fractal dimension in zone
+    B: 1.371".
 
-    Zones B and C keep the quantities read there clinically (calibres, fractal dimension,
-    density, width); their tortuosities, counts and angles stay out of the prompt, which must
-    fit a small model's context.
+    A small model quotes a value far more reliably when the words of the question stand right
+    before it than when it must combine a region heading, a quantity and a vessel group (the
+    grouped form it replaced). Zones B and C keep the quantities read there clinically
+    (calibres, fractal dimension, density, width); their tortuosities, counts and angles stay
+    out of the prompt, which must fit a small model's context.
     """
-    by_region: dict[findings.Region, dict[str, list[str]]] = defaultdict(dict)
-    for fact in facts:
-        if not fact.key.startswith("vessels.") or fact.region is None or not in_prompt(fact):
-            continue
-        if fact.quantity in ("crae", "crve", "avr"):
-            by_region[fact.region].setdefault(fact.label, []).append(fact.text)
-        else:
-            by_region[fact.region].setdefault(fact.label, []).append(
-                f"{_VESSEL_GROUPS[fact.vessel]} {fact.text}"  # type: ignore[index]
-            )
     return [
-        f"Vessels, {REGION_NAMES[region]}: "
-        + "; ".join(f"{label}: {', '.join(values)}" for label, values in quantities.items())
-        + "."
-        for region, quantities in by_region.items()
+        f"{fact.spoken}: {fact.text}"
+        for fact in facts
+        if fact.key.startswith("vessels.") and fact.region is not None and in_prompt(fact)
     ]
 
 
@@ -137,7 +123,10 @@ def describe(result: findings.Findings, facts: list[Fact], boxes: list[BoxFact])
             + (f" (probabilities {detail})" if detail else "")
             + "."
         )
-    lines.extend(_vessel_lines(facts))
+    vessel_lines = _vessel_lines(facts)
+    if vessel_lines:
+        lines.append("Vessels:")
+        lines.extend(vessel_lines)
     disc = [f for f in facts if f.key.startswith("disc.")]
     if disc:
         lines.append(f"Optic disc: {_join(disc)}.")

@@ -6,7 +6,9 @@ Random augmented patches from the training split (datasets.py) feed `VesselUNet`
 BCE + soft Dice on the vessel channel (DRIVE and STARE pixels inside the FOV) plus artery-vs-
 vein cross-entropy on labelled vessel pixels (RITE on DRIVE, LES-AV, AVRDB; crossings are
 ignored). AdamW, linear warm-up then cosine decay, bf16 autocast on the CPU. Checkpoints are
-written every --checkpoint-every steps and resumed with --resume. At the end the weights are
+written every --checkpoint-every steps and resumed with --resume; --init WEIGHTS fine-tunes an
+exported model (its weights, with a fresh optimiser and schedule of --steps; the manifest keeps
+its earlier runs and wall time). At the end the weights are
 written as fp16 safetensors with a manifest; the vessel threshold is chosen on the training
 images and the held-out sets are evaluated for the manifest's metrics.
 """
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch.nn import functional as F
 
 from services.analysis.engine.model_files import save_with_manifest
@@ -62,6 +65,7 @@ class Config:
     data_root: Path = datasets.DEFAULT_ROOT
     out_dir: Path = Path("var/train/vessels")
     resume: Path | None = None
+    init: Path | None = None
     checkpoint_every: int = 500
     log_every: int = 50
     name: str = "vessel-av-unet"
@@ -78,6 +82,7 @@ class TrainState:
     generator: torch.Generator
     step: int = 0
     elapsed_s: float = 0.0  # training wall time, summed over resumed runs
+    prior_steps: int = 0  # steps of the exported model a fine-tune started from (--init)
     losses: list[float] = field(default_factory=list)
     runs: list[dict] = field(default_factory=list)  # one entry per (resumed) run: its recipe
 
@@ -99,6 +104,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--data-root", type=Path, default=defaults.data_root)
     parser.add_argument("--out-dir", type=Path, default=defaults.out_dir)
     parser.add_argument("--resume", type=Path, help="checkpoint to continue from")
+    parser.add_argument("--init", type=Path, help="exported .safetensors to fine-tune")
     parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every)
     parser.add_argument("--log-every", type=int, default=defaults.log_every)
     parser.add_argument("--name", default=defaults.name, help="exported file stem")
@@ -159,7 +165,13 @@ def compute_loss(logits: torch.Tensor, batch: Batch, av_weight: float) -> dict[s
 def train(config: Config, images: list[CanonicalImage], state: TrainState) -> TrainState:
     """Run from state.step to config.steps, checkpointing and logging on the way."""
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    run = {"from_step": state.step, "threads": torch.get_num_threads(), **_recipe(config)}
+    run = {
+        "from_step": state.prior_steps + state.step,
+        "threads": torch.get_num_threads(),
+        **_recipe(config),
+    }
+    if config.init:
+        run["fine_tunes"] = f"{config.init.name} ({state.prior_steps} steps)"
     state.runs.append(run)
     state.net.train()
     device = pick_device(config.device)
@@ -197,10 +209,10 @@ def train(config: Config, images: list[CanonicalImage], state: TrainState) -> Tr
         if state.step % config.checkpoint_every == 0 or state.step == config.steps:
             state.elapsed_s += time.perf_counter() - started
             started = time.perf_counter()
-            run["to_step"] = state.step
+            run["to_step"] = state.prior_steps + state.step
             save_checkpoint(state, config.out_dir / "checkpoint.pt")
     state.elapsed_s += time.perf_counter() - started
-    run["to_step"] = state.step
+    run["to_step"] = state.prior_steps + state.step
     return state
 
 
@@ -214,6 +226,7 @@ def save_checkpoint(state: TrainState, path: Path) -> None:
             "generator": state.generator.get_state(),
             "step": state.step,
             "elapsed_s": state.elapsed_s,
+            "prior_steps": state.prior_steps,
             "losses": state.losses,
             "runs": json.dumps(state.runs),
         },
@@ -231,9 +244,19 @@ def load_checkpoint(config: Config, path: Path) -> TrainState:
     state.generator.set_state(saved["generator"])
     state.step = int(saved["step"])
     state.elapsed_s = float(saved["elapsed_s"])
+    state.prior_steps = int(saved.get("prior_steps", 0))
     state.losses = list(saved["losses"])
     state.runs = json.loads(saved.get("runs", "[]"))
     return state
+
+
+def start_from(state: TrainState, weights: Path) -> None:
+    """Fine-tune an exported model: its weights, runs, steps and wall time carry over."""
+    state.net.load_state_dict({k: v.float() for k, v in load_file(weights).items()})
+    earlier = json.loads(weights.with_suffix(".json").read_text())["training"]
+    state.runs = list(earlier["runs"])
+    state.prior_steps = int(earlier["steps"])
+    state.elapsed_s = float(earlier["wall_time_s"])
 
 
 def export(config: Config, state: TrainState, samples: list[datasets.Sample]) -> dict:
@@ -314,7 +337,7 @@ def _manifest(config: Config, state: TrainState, samples: list[datasets.Sample])
             "splits": "training/segmentation/datasets.py docstring",
             "recipe": _recipe(config),
             "runs": state.runs,
-            "steps": state.step,
+            "steps": state.prior_steps + state.step,
             "wall_time_s": round(state.elapsed_s, 1),
             "final_loss_mean_last_200": round(float(np.mean(state.losses[-200:])), 4),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
@@ -326,7 +349,7 @@ def _manifest(config: Config, state: TrainState, samples: list[datasets.Sample])
 
 def _recipe(config: Config) -> dict:
     """The hyperparameters of a run (paths and switches left out)."""
-    skip = {"data_root", "out_dir", "resume", "weights_dir", "export", "name", "threads"}
+    skip = {"data_root", "out_dir", "resume", "weights_dir", "export", "name", "threads", "init"}
     return {key: value for key, value in asdict(config).items() if key not in skip}
 
 
@@ -339,7 +362,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"no training data under {config.data_root}")
     images = load_images(samples, config.seed)
     print(f"{len(images)} training images on the {CANONICAL_SIDE} px grid", flush=True)
-    state = load_checkpoint(config, config.resume) if config.resume else new_state(config)
+    if config.resume:
+        state = load_checkpoint(config, config.resume)
+    else:
+        state = new_state(config)
+        if config.init:
+            start_from(state, config.init)
     state = train(config, images, state)
     print(f"trained {state.step} steps in {state.elapsed_s:.0f} s", flush=True)
     if config.export:

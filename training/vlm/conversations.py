@@ -1,10 +1,11 @@
 """Conversations about one image, written from its findings and labels by seeded templates.
 
-Two tracks, in LLaVA's JSONL shape (`{id, image, conversations: [{from, value}]}` plus the
+Three tracks, in LLaVA's JSONL shape (`{id, image, conversations: [{from, value}]}` plus the
 findings they were written from, which training and serving both render into the prompt):
 - alignment: one turn, `<image>` in the question, a short description of the image;
 - instruction: 3-6 turns drawn from modality/quality, disease, vascular values, disc/cup,
-  lesions with boxes; the turn types, their order and the phrasings vary with the seed.
+  lesions with boxes; the turn types, their order and the phrasings vary with the seed;
+- values: 6-10 questions about measured values (and one about something never measured).
 Answers state values exactly as the prompt states them (a fact's text), which is what the
 grounding check accepts and what the evaluation scores.
 """
@@ -15,7 +16,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.language.facts import LESION_NAMES, REGION_NAMES, Fact, facts_from_findings
+from services.language.facts import LESION_NAMES, Fact, facts_from_findings
 from services.language.prompting import in_prompt
 from shared import findings as F
 from training.vlm.records import LabeledImage
@@ -73,11 +74,6 @@ _ASKABLE = {
     "vessel_count", "branching_angle", "crae", "crve", "avr", "cdr_vertical",
     "cdr_horizontal", "disc_height", "disc_width", "cup_height", "cup_width",
 }  # fmt: skip
-_VESSEL_WORDS = {
-    F.VesselType.ALL: "",
-    F.VesselType.ARTERY: "arterial ",
-    F.VesselType.VEIN: "venous ",
-}
 # Asked in training only for the regions and vessel kinds a user most often names.
 UNMEASURED_LABELS = ["retinal thickness", "intraocular pressure", "axial length", "visual acuity"]
 
@@ -90,21 +86,6 @@ class Turn:
     fact_key: str = ""  # the fact a value question asks for
 
 
-def spoken_label(fact: Fact) -> str:
-    """How a question names a fact: '<arterial >label< in zone B>'."""
-    vessel = (
-        _VESSEL_WORDS.get(fact.vessel, "")
-        if fact.vessel and fact.quantity not in ("crae", "crve", "avr")
-        else ""
-    )
-    region = (
-        f" in {REGION_NAMES[fact.region]}"
-        if fact.region is not None and fact.region is not F.Region.WHOLE
-        else ""
-    )
-    return f"{vessel}{fact.label}{region}"
-
-
 def askable_facts(result: F.Findings) -> list[Fact]:
     """Facts a user asks about by name that the prompt states (the model can only quote
     what it is given)."""
@@ -113,7 +94,7 @@ def askable_facts(result: F.Findings) -> list[Fact]:
 
 
 def value_turn(rng: random.Random, fact: Fact) -> Turn:
-    label = spoken_label(fact)
+    label = fact.spoken
     answer = rng.choice(_STATE_VALUE).format(
         label=label, Label=label[:1].upper() + label[1:], value=fact.text
     )
@@ -226,6 +207,24 @@ def instruction(rng: random.Random, result: F.Findings, image: LabeledImage) -> 
     turns = [make() for make in makers[:count]]
     if not any(t.fact_key for t in turns) and facts:
         turns[-1] = value_turn(rng, rng.choice(facts))
+    return turns
+
+
+def values(rng: random.Random, result: F.Findings, count: int) -> list[Turn]:
+    """`count` value questions (one of them, at a random place, about something never
+    measured): the most supervised answers per prompt, which a small model needs to learn to
+    quote its measurements."""
+    facts = askable_facts(result)
+    turns = [value_turn(rng, fact) for fact in rng.sample(facts, k=min(len(facts), count - 1))]
+    label = rng.choice(UNMEASURED_LABELS)
+    turns.insert(
+        rng.randrange(len(turns) + 1),
+        Turn(
+            rng.choice(_ASK_VALUE).format(label=label),
+            rng.choice(_NOT_MEASURED).format(label=label),
+            "not_measured",
+        ),
+    )
     return turns
 
 

@@ -7,7 +7,7 @@ detector run in-process (findings cached per image under --cache, so a rerun is 
 dataset's labels are attached, and conversations are written by seeded templates
 (`training/vlm/conversations.py`) in LLaVA JSONL: `{split}_{track}.jsonl` for the splits
 `train` / `heldout` (by image: a stable hash puts about one image in five in heldout) and the
-tracks `alignment` / `instruction`. `stats.json` counts turns, question types and token
+tracks `alignment` / `instruction` / `values`. `stats.json` counts turns, question types and token
 lengths. Images are referenced by path, never copied. With `--endpoint URL` an
 OpenAI-compatible server writes the instruction conversations instead (cached, resumable,
 every answer grounding-checked: `training/vlm/endpoint_writer.py`).
@@ -124,6 +124,7 @@ def build(
     seed: int,
     instruction_per_image: int,
     writer: EndpointWriter | None = None,
+    values_per_image: int = 0,
 ) -> dict[str, object]:
     """Write the JSONL files and stats.json. With `writer`, the instruction conversations are
     the endpoint's where it wrote acceptable ones, the templates' otherwise."""
@@ -135,12 +136,15 @@ def build(
         templates = [
             conversations.instruction(rng, result, image) for _ in range(instruction_per_image)
         ]
-        planned.append((image, result, aligned, templates))
+        drills = [
+            conversations.values(rng, result, rng.randint(6, 10)) for _ in range(values_per_image)
+        ]
+        planned.append((image, result, aligned, templates, drills))
     generated: list[list[conversations.Turn] | None] = []
     if writer is not None:
         requests = [
             writer.request(f"{image.dataset}/{image.image_id}", result, index, len(turns))
-            for image, result, _, templates in planned
+            for image, result, _, templates, _ in planned
             for index, turns in enumerate(templates)
         ]
         generated = writer.write(requests)
@@ -150,14 +154,15 @@ def build(
     files = {
         (split, track): (out / f"{split}_{track}.jsonl").open("w")
         for split in ("train", "heldout")
-        for track in ("alignment", "instruction")
+        for track in ("alignment", "instruction", "values")
     }
     kinds: Counter[str] = Counter()
     turns_per: list[int] = []
     answer_words: list[int] = []
     per_split: Counter[str] = Counter()
+    values_conversations = 0
     try:
-        for image, result, aligned, templates in planned:
+        for image, result, aligned, templates, drills in planned:
             split = split_of(image)
             per_split[split] += 1
             name = f"{image.dataset}/{image.image_id}"
@@ -170,6 +175,10 @@ def build(
                 kinds.update(t.kind for t in turns)
                 turns_per.append(len(turns))
                 answer_words.extend(len(t.answer.split()) for t in turns)
+            for index, turns in enumerate(drills):
+                record = conversations.to_llava(f"{name}/values/{index}", image, turns, result)
+                files[split, "values"].write(json.dumps(record) + "\n")
+                values_conversations += 1
     finally:
         for handle in files.values():
             handle.close()
@@ -177,6 +186,7 @@ def build(
         "images": dict(per_split),
         "datasets": dict(Counter(i.dataset for i in images)),
         "instruction_conversations": len(turns_per),
+        "values_conversations": values_conversations,
         "turns_per_conversation": dict(sorted(Counter(turns_per).items())),
         "question_types": dict(kinds.most_common()),
         "answer_words": {
@@ -198,6 +208,9 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=list(LOCAL_DATASETS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--instruction-per-image", type=int, default=8)
+    parser.add_argument(
+        "--values-per-image", type=int, default=8, help="conversations of the values track"
+    )
     endpoint = parser.add_argument_group(
         "endpoint", "conversations written by an OpenAI-compatible server instead of templates"
     )
@@ -224,7 +237,13 @@ def main() -> None:
             args.endpoint_cache,
         )
     stats = build(
-        images, FindingsCache(args.cache), args.out, args.seed, args.instruction_per_image, writer
+        images,
+        FindingsCache(args.cache),
+        args.out,
+        args.seed,
+        args.instruction_per_image,
+        writer,
+        args.values_per_image,
     )
     print(json.dumps(stats, indent=2))
 

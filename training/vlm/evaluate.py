@@ -39,7 +39,7 @@ from shared import findings as F
 from shared import pixels
 from shared.convert import findings_to_proto
 from shared.healthcheck import grpc_serving
-from training.vlm.conversations import UNMEASURED_LABELS, askable_facts, spoken_label
+from training.vlm.conversations import UNMEASURED_LABELS, askable_facts
 
 REPO = Path(__file__).resolve().parents[2]
 GLAUCOMA_CDR = 0.6  # the experts' mean vertical CDR from which a Drishti eye counts as suspect
@@ -71,9 +71,7 @@ def questions(record: dict[str, Any], rng: random.Random, values: int) -> list[d
     asked = []
     facts = askable_facts(result)
     for fact in rng.sample(facts, k=min(values, len(facts))):
-        asked.append(
-            {"kind": "value", "text": f"What is the {spoken_label(fact)}?", "key": fact.key}
-        )
+        asked.append({"kind": "value", "text": f"What is the {fact.spoken}?", "key": fact.key})
     label = rng.choice(UNMEASURED_LABELS)
     asked.append({"kind": "not_measured", "text": f"What is the {label}?"})
     dataset = record["id"].split("/")[0]

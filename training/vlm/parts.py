@@ -84,8 +84,9 @@ def main() -> None:
         "version": "1.0.0",
         "sha256": sha256_of(PARTS),
         "task": "vision-language chat (trained parts of RetinalGPT-mini)",
-        "contents": "vision tower + projector (stage 1, projector again in stage 2) and LoRA "
-        "of every language-model linear layer (stage 2), fp16",
+        "contents": "vision tower + projector (stage 1; stage 2 trains the projector only when its "
+        "LoRA covers every layer) and LoRA of the linear layers of the top "
+        f"{runs['stage2']['args']['lora_layers']} language-model layers (stage 2), fp16",
         "lora": {"rank": lora_rank, "alpha": 2 * lora_rank},
         "training_data": json.loads(args.data_stats.read_text())
         if args.data_stats.is_file()
