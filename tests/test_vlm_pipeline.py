@@ -188,3 +188,21 @@ def test_a_run_resumes_and_its_parts_merge_into_the_model(tmp_path: Path) -> Non
     assert not torch.allclose(changed, original)
     merged = model.model.language_model.layers[29].mlp.down_proj.weight
     assert torch.allclose(merged, layer.weight)
+
+
+@pytest.mark.parametrize(
+    ("answer", "yes"),
+    [
+        ("The DR grade estimate is 2 (ICDR), referable.", True),
+        ("The DR grade estimate is 0 (ICDR), not referable.", False),
+        ("There are no signs of diabetic retinopathy.", False),
+        ("Yes: microaneurysms were found.", True),
+        ("No lesions were found among the types assessed.", False),
+        ("The eye is a glaucoma suspect by its vertical cup-to-disc ratio.", True),
+        ("The vertical cup-to-disc ratio does not suggest glaucoma.", False),
+    ],
+)
+def test_screening_answers_are_read_with_their_negations(answer: str, yes: bool) -> None:
+    from training.vlm.evaluate import says_yes
+
+    assert says_yes(answer) is yes

@@ -22,6 +22,7 @@ import concurrent.futures
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -43,8 +44,8 @@ from training.vlm.conversations import UNMEASURED_LABELS, askable_facts
 
 REPO = Path(__file__).resolve().parents[2]
 GLAUCOMA_CDR = 0.6  # the experts' mean vertical CDR from which a Drishti eye counts as suspect
-_YES = ("yes", "referable", "suspect", "signs of", "found", "present")
-_NO = ("no ", "not ", "none", "does not")
+_YES = {"yes", "referable", "suspect", "signs", "found", "present"}
+_NEGATIONS = {"no", "not", "without", "none", "never"}
 
 
 def _free_port() -> int:
@@ -61,9 +62,14 @@ def heldout_images(data: Path) -> list[dict[str, Any]]:
     return list(seen.values())
 
 
-def _says_yes(answer: str) -> bool:
-    text = answer.lower()
-    return any(w in text for w in _YES) and not text.startswith(("no", "there are no"))
+def says_yes(answer: str) -> bool:
+    """Whether an answer affirms: a yes-word with no negation in the three words before it
+    ("not referable", "no signs of", "no lesions were found" do not affirm)."""
+    words = re.findall(r"[a-z]+", answer.lower())
+    return any(
+        word in _YES and not _NEGATIONS & set(words[max(0, i - 3) : i])
+        for i, word in enumerate(words)
+    )
 
 
 def questions(record: dict[str, Any], rng: random.Random, values: int) -> list[dict[str, Any]]:
@@ -125,7 +131,7 @@ def score(items: list[tuple[dict[str, Any], language_pb2.ChatResponse]]) -> dict
         elif question["kind"] == "not_measured":
             by_kind["not_measured"].append(not values)
         else:
-            diagnosis[question["dataset"]].append((question["label"], _says_yes(reply.answer)))
+            diagnosis[question["dataset"]].append((question["label"], says_yes(reply.answer)))
     table: dict[str, Any] = {
         kind: {"questions": len(v), "correct": round(sum(v) / len(v), 3)}
         for kind, v in by_kind.items()
