@@ -164,7 +164,7 @@ def test_a_missed_deadline_and_a_cancelled_stream_stop_generation(language: Lang
     with grpc.insecure_channel(language.address) as channel:
         stub = language_pb2_grpc.LanguageServiceStub(channel)
         with pytest.raises(grpc.RpcError) as error:
-            stub.Chat(long, timeout=1.5)
+            stub.Chat(long, timeout=0.2)
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         stream = stub.ChatStream(long, timeout=240)
         next(stream)  # generation under way
