@@ -159,7 +159,8 @@ def test_unary_chat_with_history_and_model_card(language: Language) -> None:
 
 def test_a_missed_deadline_and_a_cancelled_stream_stop_generation(language: Language) -> None:
     long = _request("Write a long essay about every measurement.", max_tokens=2000)
-    # Sampled hot, a model that answers briefly (as the tuned one does) still writes on.
+    # Sampled hot, a model that answers briefly (as the tuned one does) still writes on, so
+    # the cancel stops a generation; the deadline is shorter than the prompt's prefill.
     long.options.temperature = 2.0
     with grpc.insecure_channel(language.address) as channel:
         stub = language_pb2_grpc.LanguageServiceStub(channel)

@@ -171,12 +171,14 @@ def stated_texts(result: findings.Findings) -> list[str]:
 
 
 def build_messages(
-    description: str, conversation: list[tuple[str, str]], with_image: bool
+    description: str | None, conversation: list[tuple[str, str]], with_image: bool
 ) -> list[dict[str, Any]]:
-    """OpenAI-style messages: instructions + findings, then the turns (image in the first)."""
-    messages: list[dict[str, Any]] = [
-        {"role": "system", "content": f"{INSTRUCTIONS}\n\nMeasurements:\n{description}"}
-    ]
+    """OpenAI-style messages: instructions + findings (none: the instructions alone), then the
+    turns (image in the first)."""
+    system = INSTRUCTIONS
+    if description is not None:
+        system += f"\n\nMeasurements:\n{description}"
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}]
     for index, (role, text) in enumerate(conversation):
         if index == 0 and with_image:
             content: Any = [{"type": "image"}, {"type": "text", "text": text}]

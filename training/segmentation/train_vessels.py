@@ -86,6 +86,11 @@ class TrainState:
     losses: list[float] = field(default_factory=list)
     runs: list[dict] = field(default_factory=list)  # one entry per (resumed) run: its recipe
 
+    @property
+    def total_steps(self) -> int:
+        """Steps since the model was initialised, a fine-tune's earlier ones included."""
+        return self.prior_steps + self.step
+
 
 def parse_args(argv: list[str] | None = None) -> Config:
     defaults = Config()
@@ -166,7 +171,7 @@ def train(config: Config, images: list[CanonicalImage], state: TrainState) -> Tr
     """Run from state.step to config.steps, checkpointing and logging on the way."""
     config.out_dir.mkdir(parents=True, exist_ok=True)
     run = {
-        "from_step": state.prior_steps + state.step,
+        "from_step": state.total_steps,
         "threads": torch.get_num_threads(),
         **_recipe(config),
     }
@@ -209,10 +214,10 @@ def train(config: Config, images: list[CanonicalImage], state: TrainState) -> Tr
         if state.step % config.checkpoint_every == 0 or state.step == config.steps:
             state.elapsed_s += time.perf_counter() - started
             started = time.perf_counter()
-            run["to_step"] = state.prior_steps + state.step
+            run["to_step"] = state.total_steps
             save_checkpoint(state, config.out_dir / "checkpoint.pt")
     state.elapsed_s += time.perf_counter() - started
-    run["to_step"] = state.prior_steps + state.step
+    run["to_step"] = state.total_steps
     return state
 
 
@@ -337,7 +342,7 @@ def _manifest(config: Config, state: TrainState, samples: list[datasets.Sample])
             "splits": "training/segmentation/datasets.py docstring",
             "recipe": _recipe(config),
             "runs": state.runs,
-            "steps": state.prior_steps + state.step,
+            "steps": state.total_steps,
             "wall_time_s": round(state.elapsed_s, 1),
             "final_loss_mean_last_200": round(float(np.mean(state.losses[-200:])), 4),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "

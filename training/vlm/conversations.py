@@ -93,6 +93,14 @@ def askable_facts(result: F.Findings) -> list[Fact]:
     return [f for f in facts if f.quantity in _ASKABLE and in_prompt(f)]
 
 
+def not_measured_turn(rng: random.Random, label: str) -> Turn:
+    return Turn(
+        rng.choice(_ASK_VALUE).format(label=label),
+        rng.choice(_NOT_MEASURED).format(label=label),
+        "not_measured",
+    )
+
+
 def value_turn(rng: random.Random, fact: Fact) -> Turn:
     label = fact.spoken
     answer = rng.choice(_STATE_VALUE).format(
@@ -195,13 +203,7 @@ def instruction(rng: random.Random, result: F.Findings, image: LabeledImage) -> 
     for fact in rng.sample(facts, k=min(len(facts), 4)):
         makers.append(lambda fact=fact: value_turn(rng, fact))
     label = rng.choice(UNMEASURED_LABELS)
-    makers.append(
-        lambda: Turn(
-            rng.choice(_ASK_VALUE).format(label=label),
-            rng.choice(_NOT_MEASURED).format(label=label),
-            "not_measured",
-        )
-    )
+    makers.append(lambda: not_measured_turn(rng, label))
     rng.shuffle(makers)
     count = rng.randint(3, min(6, len(makers)))
     turns = [make() for make in makers[:count]]
@@ -217,14 +219,7 @@ def values(rng: random.Random, result: F.Findings, count: int) -> list[Turn]:
     facts = askable_facts(result)
     turns = [value_turn(rng, fact) for fact in rng.sample(facts, k=min(len(facts), count - 1))]
     label = rng.choice(UNMEASURED_LABELS)
-    turns.insert(
-        rng.randrange(len(turns) + 1),
-        Turn(
-            rng.choice(_ASK_VALUE).format(label=label),
-            rng.choice(_NOT_MEASURED).format(label=label),
-            "not_measured",
-        ),
-    )
+    turns.insert(rng.randrange(len(turns) + 1), not_measured_turn(rng, label))
     return turns
 
 

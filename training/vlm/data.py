@@ -160,7 +160,6 @@ def build(
     turns_per: list[int] = []
     answer_words: list[int] = []
     per_split: Counter[str] = Counter()
-    values_conversations = 0
     try:
         for image, result, aligned, templates, drills in planned:
             split = split_of(image)
@@ -178,7 +177,6 @@ def build(
             for index, turns in enumerate(drills):
                 record = conversations.to_llava(f"{name}/values/{index}", image, turns, result)
                 files[split, "values"].write(json.dumps(record) + "\n")
-                values_conversations += 1
     finally:
         for handle in files.values():
             handle.close()
@@ -186,7 +184,7 @@ def build(
         "images": dict(per_split),
         "datasets": dict(Counter(i.dataset for i in images)),
         "instruction_conversations": len(turns_per),
-        "values_conversations": values_conversations,
+        "values_conversations": sum(len(drills) for *_, drills in planned),
         "turns_per_conversation": dict(sorted(Counter(turns_per).items())),
         "question_types": dict(kinds.most_common()),
         "answer_words": {

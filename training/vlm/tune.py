@@ -34,7 +34,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from services.analysis.engine.runtime import cpu_has_bf16, pick_device
 from services.language.facts import facts_from_findings
-from services.language.prompting import INSTRUCTIONS, build_messages, describe
+from services.language.prompting import build_messages, describe
 from shared import findings as F
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,11 +58,9 @@ def read_examples(paths: list[Path], with_findings: bool) -> list[Example]:
     projector learn to say what the image shows from its pixels, in a short context.
     """
     examples = []
-    lines = [line for path in paths for line in path.read_text().splitlines()]
-    for line in lines:
-        record = json.loads(line)
+    records = [json.loads(line) for path in paths for line in path.read_text().splitlines()]
+    for record in records:
         result = F.Findings.model_validate(record["findings"])
-        facts, boxes = facts_from_findings(result)
         turns = [
             (
                 "user" if turn["from"] == "human" else "assistant",
@@ -70,10 +68,8 @@ def read_examples(paths: list[Path], with_findings: bool) -> list[Example]:
             )
             for turn in record["conversations"]
         ]
-        messages = build_messages(describe(result, facts, boxes), turns, True)
-        if not with_findings:
-            messages[0]["content"] = INSTRUCTIONS
-        examples.append(Example(Path(record["image"]), messages))
+        description = describe(result, *facts_from_findings(result)) if with_findings else None
+        examples.append(Example(Path(record["image"]), build_messages(description, turns, True)))
     return examples
 
 
@@ -192,6 +188,21 @@ def answer_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     )
 
 
+def recorded(args: argparse.Namespace) -> dict[str, Any]:
+    """A run's arguments as its manifest shows them: paths relative to the checkout, so that
+    no machine's folders end up in a committed file."""
+
+    def shown(value: Any) -> Any:
+        if isinstance(value, list):
+            return [shown(item) for item in value]
+        if isinstance(value, Path):
+            resolved = value.resolve()
+            return str(resolved.relative_to(REPO) if resolved.is_relative_to(REPO) else value)
+        return value
+
+    return {key: shown(value) for key, value in vars(args).items()}
+
+
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:
     return {
         n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
@@ -234,7 +245,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 "step": step,
                 "order": order,
                 "elapsed_s": elapsed_before + time.monotonic() - started,
-                "args": {k: str(v) for k, v in vars(args).items()},
+                "args": recorded(args),
             },
             args.out / STATE,
         )
