@@ -8,6 +8,10 @@
 - STARE held-out 10 (im0162-im0324, labels-ah, FOV by threshold): Dice and the rest.
 - Artery/vein on LES-AV test (11) and RITE test (20): accuracy and F1 on the reference's
   artery and vein pixels (crossings excluded).
+- CRAE, CRVE and AVR (Knudtson, px, zones B and C) on the same test images, measured by the
+  feature engine once from our A/V maps and once from the reference A/V labels (crossings count
+  as both), with the same optic disc (our disc model's) placing the zones: per image and their
+  mean absolute and relative differences, so A/V errors show as caliber errors.
 - The same without the mirror average (`single_pass`), to show what it buys and costs.
 - Time per image for the whole `predict` (FOV detection, canonical grid, network, mapping
   back): a DRIVE image and a 2000-px-wide photograph (a LES-AV test image upscaled in memory),
@@ -31,8 +35,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from services.analysis.engine.disc import DiscSegmenter
 from services.analysis.engine.preprocess import network_input
 from services.analysis.engine.vessels import DEFAULT_WEIGHTS, VesselSegmenter
+from services.analysis.features import MaskSet, measure
+from shared.findings import Region
 from shared.imaging.fov import detect_field_of_view
 from training.segmentation import datasets, evaluate
 
@@ -80,6 +87,62 @@ def timings(segmenter: VesselSegmenter, root: Path, repeats: int) -> dict[str, o
     }
 
 
+CALIBERS = ("crae_knudtson", "crve_knudtson", "avr_knudtson")
+
+
+def calibers(masks: MaskSet) -> dict[str, float | None]:
+    by_region = {c.region: c for c in measure(masks).vessels.calibers}
+    return {
+        f"{name}_{region}": getattr(by_region[region], name)
+        for region in (Region.ZONE_B, Region.ZONE_C)
+        for name in CALIBERS
+    }
+
+
+def caliber_report(
+    segmenter: VesselSegmenter, disc_model: DiscSegmenter, samples: list[datasets.Sample]
+) -> dict[str, object]:
+    """CRAE / CRVE / AVR from our A/V maps against those from the reference labels, on the FOV
+    crop the service measures, with our disc (both sides) placing zones B and C."""
+    per_image: dict[str, object] = {}
+    differences: dict[str, list[tuple[float, float]]] = {}
+    for sample in samples:
+        full = datasets.read_rgb(sample)
+        x0, y0, x1, y1 = detect_field_of_view(full).crop
+        rgb = np.ascontiguousarray(full[y0:y1, x0:x1])
+        reference = datasets.read_av(sample)[y0:y1, x0:x1]
+        disc = disc_model.analyse(rgb)
+        if not disc.found:
+            per_image[sample.image_id] = f"not measured: {disc.reason}"
+            continue
+        ours = segmenter.predict(rgb).labels
+        mine = calibers(MaskSet(ours > 0, ours == 1, ours == 2, disc.disc, disc.cup))
+        truth = calibers(
+            MaskSet(
+                reference > 0,
+                (reference == 1) | (reference == 3),
+                (reference == 2) | (reference == 3),
+                disc.disc,
+                disc.cup,
+            )
+        )
+        per_image[sample.image_id] = {"ours": mine, "reference": truth}
+        for key, value in mine.items():
+            if value is not None and truth[key] is not None:
+                differences.setdefault(key, []).append((value, truth[key]))
+    summary = {
+        key: {
+            "images": len(pairs),
+            "mean_reference": float(np.mean([t for _, t in pairs])),
+            "mean_ours": float(np.mean([o for o, _ in pairs])),
+            "mean_absolute_difference": float(np.mean([abs(o - t) for o, t in pairs])),
+            "mean_relative_difference": float(np.mean([abs(o - t) / t for o, t in pairs])),
+        }
+        for key, pairs in differences.items()
+    }
+    return {"summary": summary, "per_image": per_image}
+
+
 def run(root: Path, weights: Path, repeats: int, threads: int | None) -> dict[str, object]:
     segmenter = VesselSegmenter.load(weights, threads=threads)
     threshold = segmenter.threshold
@@ -90,6 +153,7 @@ def run(root: Path, weights: Path, repeats: int, threads: int | None) -> dict[st
     single = VesselSegmenter.load(weights, threads=threads, mirror_average=False)
     single_report = evaluate.vessel_report(evaluate.score_vessels(single, drive_test), threshold)
     drive_rgb = datasets.read_rgb(drive_test[0])
+    disc_model = DiscSegmenter()
     return {
         "model": segmenter.version,
         "sha256": segmenter.manifest["sha256"],
@@ -120,6 +184,10 @@ def run(root: Path, weights: Path, repeats: int, threads: int | None) -> dict[st
         ),
         "les_av_test": evaluate.av_report(segmenter, datasets.les_av(root, "test")),
         "rite_test": evaluate.av_report(segmenter, drive_test),
+        "les_av_test_calibers": caliber_report(
+            segmenter, disc_model, datasets.les_av(root, "test")
+        ),
+        "rite_test_calibers": caliber_report(segmenter, disc_model, drive_test),
         "timing": timings(segmenter, root, repeats),
     }
 
