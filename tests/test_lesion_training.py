@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from services.lesion.engine.preprocess import INPUT_CHANNELS, standardise
 from training.lesions import data, train
 
 
@@ -37,7 +38,7 @@ def _grid_image(rng: np.random.Generator, ma_valid: bool = True) -> data.GridIma
     rgb = np.full((size, size, 3), 120, dtype=np.uint8)
     rgb[masks[1]] = (60, 20, 10)  # haemorrhage: dark red
     rgb[masks[2]] = (230, 220, 90)  # exudate: bright yellow
-    inputs = ((rgb.astype(np.float32) - 120) / 40).transpose(2, 0, 1).astype(np.float16)
+    inputs = standardise(rgb, fov, size / 2 - 4).astype(np.float16)
     targets = (masks * 255).astype(np.uint8) * fov
     return data.GridImage("synthetic", inputs, targets, fov, ma_valid)
 
@@ -48,7 +49,7 @@ def test_one_training_step_learns_from_lesion_centred_tiles() -> None:
     full = [(image, train.seeds_of(image, rng)) for image in (_grid_image(rng),)]
     lowres = [(image, train.seeds_of(image, rng)) for image in (_grid_image(rng, False),)]
     inputs, targets, weights = train.sample_batch(full, lowres, config, rng)
-    assert inputs.shape == (4, 3, 64, 64) and targets.shape == (4, 4, 64, 64)
+    assert inputs.shape == (4, INPUT_CHANNELS, 64, 64) and targets.shape == (4, 4, 64, 64)
     assert targets.sum() > 0  # lesion-centred tiles contain lesions
     assert set(weights[:, 0].tolist()) <= {0.0, 1.0}  # MA counts only where it is labelled
     state = train.new_state(config)

@@ -20,7 +20,7 @@ from services.lesion.engine.detection import detect, original_frame, to_findings
 from services.lesion.engine.detector import DEFAULT_WEIGHTS, TASK, LesionDetector, LesionMaps, tiles
 from services.lesion.engine.instances import Instance, components, extract
 from services.lesion.engine.overlays import LAYERS, mask_png, render
-from services.lesion.engine.preprocess import WorkGrid
+from services.lesion.engine.preprocess import INPUT_CHANNELS, WorkGrid, standardise
 from shared import findings, pixels
 from shared.assessment import CDR_HIGH, CDR_SUSPECT, assess
 from shared.convert import to_proto
@@ -324,11 +324,36 @@ def test_quality_and_missing_lesions_are_said_plainly() -> None:
     assert any("no lesion type was assessed" in r for r in unmeasured.reasons)
 
 
+# --- the network input -------------------------------------------------------------------
+
+
+def test_local_contrast_removes_the_illumination_gradient_and_keeps_a_small_dark_spot() -> None:
+    size, radius, spot = 400, 180, (200, 250)  # spot (y, x)
+    ys, xs = np.mgrid[0:size, 0:size]
+    fov = (xs - 200) ** 2 + (ys - 200) ** 2 <= radius**2
+    green = 60.0 + 100.0 * xs / size  # lit from the right
+    near_spot = (xs - spot[1]) ** 2 + (ys - spot[0]) ** 2
+    green[near_spot <= 9] -= 40.0
+    rgb = np.stack([1.5 * green, green, 0.3 * green], axis=-1).clip(0, 255).astype(np.uint8)
+    out = standardise(rgb * fov[..., None], fov, float(radius))
+    assert out.shape == (INPUT_CHANNELS, size, size) and out.dtype == np.float32
+    assert not out[:, ~fov].any()
+    standardised_green, contrast_green = out[1], out[4]
+    # The plain z-score's darkest pixel is on the dim left rim, not the spot; the contrast
+    # channel's is the spot, and away from it the gradient is gone (the rim included): what
+    # is left there is the 8-bit quantisation, far below the spot.
+    darkest = np.unravel_index(np.argmin(np.where(fov, standardised_green, np.inf)), fov.shape)
+    assert darkest[1] < 100
+    assert near_spot[np.unravel_index(np.argmin(contrast_green), fov.shape)] <= 9
+    elsewhere = np.abs(contrast_green[fov & (near_spot > 30**2)])
+    assert np.percentile(elsewhere, 99) < -contrast_green[spot] / 20
+
+
 # --- model files -------------------------------------------------------------------------
 
 
 def _tiny_model(path: Path, task: str = TASK) -> dict:
-    net = VesselUNet(3, (4, 8), 4)
+    net = VesselUNet(INPUT_CHANNELS, (4, 8), 4)
     return save_with_manifest(
         net.state_dict(),
         path,
@@ -336,7 +361,7 @@ def _tiny_model(path: Path, task: str = TASK) -> dict:
             "name": "lesion-test",
             "version": "0",
             "task": task,
-            "architecture": {"in_channels": 3, "widths": [4, 8], "classes": 4},
+            "architecture": {"in_channels": INPUT_CHANNELS, "widths": [4, 8], "classes": 4},
         },
     )
 

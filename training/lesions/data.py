@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from services.lesion.engine.preprocess import (
+    INPUT_CHANNELS,
     WORK_FOV_DIAMETER,
     WorkGrid,
     resample,
@@ -55,7 +56,7 @@ class GridImage:
     """One training image on the working grid."""
 
     image_id: str
-    inputs: np.ndarray  # float16 3 x h x w, standardised
+    inputs: np.ndarray  # float16 6 x h x w, the network input (preprocess.standardise)
     targets: np.ndarray  # uint8 4 x h x w, lesion area fraction x 255
     fov: np.ndarray  # bool h x w
     ma_valid: bool  # False: the MA channel carries no usable labels
@@ -64,7 +65,7 @@ class GridImage:
 def on_grid(rgb: np.ndarray, masks: np.ndarray, image_id: str, ma_valid: bool) -> GridImage:
     grid = WorkGrid.around(detect_field_of_view(rgb), rgb.shape[1], rgb.shape[0])
     fov = grid.fov_mask()
-    inputs = standardise(resample(rgb, grid), fov).astype(np.float16)
+    inputs = standardise(resample(rgb, grid), fov, grid.fov_radius).astype(np.float16)
     targets = np.stack([resample(m.astype(np.uint8) * 255, grid) for m in masks])
     return GridImage(image_id, inputs, targets * fov, fov, ma_valid)
 
@@ -95,7 +96,8 @@ def load_lowres(image_id: str, root: Path = DEFAULT_ROOT) -> tuple[np.ndarray, n
 
 def cached(image_id: str, lowres: bool, root: Path, cache: Path) -> GridImage:
     """The grid image, from `cache` when it was prepared before (decoding is the slow part)."""
-    path = cache / f"{'lowres' if lowres else 'full'}-{WORK_FOV_DIAMETER}-{image_id}.npz"
+    kind = "lowres" if lowres else "full"
+    path = cache / f"{kind}-{WORK_FOV_DIAMETER}-{INPUT_CHANNELS}ch-{image_id}.npz"
     if path.is_file():
         with np.load(path) as data:
             return GridImage(

@@ -34,8 +34,9 @@ from services.analysis.engine.model_files import save_with_manifest
 from services.analysis.engine.nets import VesselUNet
 from services.analysis.engine.runtime import pick_device
 from services.lesion.engine.detector import DEFAULT_WEIGHTS, SHORT_NAMES, TASK, TYPES
-from services.lesion.engine.preprocess import WORK_FOV_DIAMETER
+from services.lesion.engine.preprocess import INPUT_CHANNELS, WORK_FOV_DIAMETER
 from training.lesions import data
+from training.recording import shown
 
 VERSION = "1.0.0"
 MA = 0  # channel of microaneurysms
@@ -151,7 +152,7 @@ def crop(array: np.ndarray, cy: int, cx: int, tile: int) -> np.ndarray:
 def sample_tile(
     image: data.GridImage, seeds: Seeds, config: Config, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(inputs 3 x T x T float32, targets 4 x T x T float32 in 0-1), augmented."""
+    """(inputs C x T x T float32, targets 4 x T x T float32 in 0-1), augmented."""
     present = [c for c, points in enumerate(seeds.lesion) if len(points)]
     if present and rng.random() < config.lesion_fraction:
         points = seeds.lesion[rng.choice(present)]
@@ -167,9 +168,12 @@ def sample_tile(
     inputs, targets = np.rot90(inputs, turns, (1, 2)), np.rot90(targets, turns, (1, 2))
     if rng.random() < 0.5:
         inputs, targets = inputs[:, :, ::-1], targets[:, :, ::-1]
-    # Per-channel contrast and offset jitter: exposure and white balance vary by camera.
-    gain = rng.uniform(0.85, 1.15, size=(3, 1, 1)).astype(np.float32)
-    shift = rng.uniform(-0.15, 0.15, size=(3, 1, 1)).astype(np.float32)
+    # Per-channel contrast and offset jitter: exposure and white balance vary by camera. A
+    # colour's gain scales both its channels; its offset only the standardised one (the local
+    # contrast channel has its background removed).
+    gain = np.tile(rng.uniform(0.85, 1.15, size=(3, 1, 1)), (2, 1, 1)).astype(np.float32)
+    shift = np.zeros((INPUT_CHANNELS, 1, 1), dtype=np.float32)
+    shift[:3] = rng.uniform(-0.15, 0.15, size=(3, 1, 1))
     return np.ascontiguousarray(inputs * gain + shift), np.ascontiguousarray(targets)
 
 
@@ -179,7 +183,7 @@ def sample_batch(
     config: Config,
     rng: np.random.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inputs N x 3 x T x T, targets N x 4 x T x T, and a N x 4 loss weight (0: unlabelled)."""
+    """Inputs N x C x T x T, targets N x 4 x T x T, and a N x 4 loss weight (0: unlabelled)."""
     inputs, targets, weights = [], [], []
     for _ in range(config.batch):
         pool = lowres if lowres and rng.random() < config.lowres_fraction else full
@@ -225,7 +229,7 @@ def checkpoint_path(config: Config) -> Path:
 
 
 def new_state(config: Config) -> TrainState:
-    net = VesselUNet(3, config.widths, len(TYPES)).to(pick_device(config.device))
+    net = VesselUNet(INPUT_CHANNELS, config.widths, len(TYPES)).to(pick_device(config.device))
     net = net.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(net.parameters(), config.lr, weight_decay=config.weight_decay)
     return TrainState(net, optimizer)
@@ -305,7 +309,7 @@ def export(config: Config, state: TrainState) -> dict:
     """fp16 safetensors + manifest (data ids, recipe, wall time); metrics come from the bench."""
     full_ids, lowres_ids = training_ids(config)
     held_out = [] if config.fold == "all" else list(data.fold_ids(int(config.fold)))
-    recipe = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
+    recipe = {k: shown(v) for k, v in asdict(config).items()}
     manifest = {
         "name": config.output.stem,
         "version": VERSION,
@@ -313,7 +317,7 @@ def export(config: Config, state: TrainState) -> dict:
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "architecture": {
             "type": "VesselUNet",
-            "in_channels": 3,
+            "in_channels": INPUT_CHANNELS,
             "widths": list(config.widths),
             "classes": len(TYPES),
             "outputs": [SHORT_NAMES[t] for t in TYPES],

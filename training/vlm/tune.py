@@ -36,6 +36,7 @@ from services.analysis.engine.runtime import cpu_has_bf16, pick_device
 from services.language.facts import facts_from_findings
 from services.language.prompting import build_messages, describe
 from shared import findings as F
+from training.recording import shown
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO / "var/models/retinalgpt-mini"
@@ -189,17 +190,7 @@ def answer_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def recorded(args: argparse.Namespace) -> dict[str, Any]:
-    """A run's arguments as its manifest shows them: paths relative to the checkout, so that
-    no machine's folders end up in a committed file."""
-
-    def shown(value: Any) -> Any:
-        if isinstance(value, list):
-            return [shown(item) for item in value]
-        if isinstance(value, Path):
-            resolved = value.resolve()
-            return str(resolved.relative_to(REPO) if resolved.is_relative_to(REPO) else value)
-        return value
-
+    """A run's arguments as its manifest shows them (training.recording.shown)."""
     return {key: shown(value) for key, value in vars(args).items()}
 
 

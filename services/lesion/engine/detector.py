@@ -83,7 +83,7 @@ class LesionDetector(NetRunner):
         return {t: float(chosen.get(SHORT_NAMES[t], 0.5)) for t in self.reported_types()}
 
     def probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
-        """1 x 3 x h x w standardised input -> 4 x h x w float32 probabilities, tiled."""
+        """1 x 6 x h x w network input -> 4 x h x w float32 probabilities, tiled."""
         _, _, height, width = inputs.shape
         multiple = self.net.multiple
         out = torch.zeros(len(TYPES), height, width)
@@ -104,6 +104,6 @@ class LesionDetector(NetRunner):
         fov = fov or detect_field_of_view(image)
         grid = WorkGrid.around(fov, image.shape[1], image.shape[0])
         inside = grid.fov_mask()
-        inputs = torch.from_numpy(standardise(resample(image, grid), inside))[None]
+        inputs = torch.from_numpy(standardise(resample(image, grid), inside, grid.fov_radius))[None]
         probs = self.probabilities(inputs).numpy() * inside
         return LesionMaps(probabilities=probs.astype(np.float32), grid=grid)
