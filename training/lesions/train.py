@@ -171,7 +171,8 @@ def sample_tile(
     # Per-channel contrast and offset jitter: exposure and white balance vary by camera. A
     # colour's gain scales both its channels; its offset only the standardised one (the local
     # contrast channel has its background removed).
-    gain = np.tile(rng.uniform(0.85, 1.15, size=(3, 1, 1)), (2, 1, 1)).astype(np.float32)
+    gain = np.tile(rng.uniform(0.85, 1.15, size=(3, 1, 1)), (INPUT_CHANNELS // 3, 1, 1))
+    gain = gain.astype(np.float32)
     shift = np.zeros((INPUT_CHANNELS, 1, 1), dtype=np.float32)
     shift[:3] = rng.uniform(-0.15, 0.15, size=(3, 1, 1))
     return np.ascontiguousarray(inputs * gain + shift), np.ascontiguousarray(targets)

@@ -36,9 +36,8 @@ from services.analysis.engine.runtime import cpu_has_bf16, pick_device
 from services.language.facts import facts_from_findings
 from services.language.prompting import build_messages, describe
 from shared import findings as F
-from training.recording import shown
+from training.recording import REPO, shown
 
-REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = REPO / "var/models/retinalgpt-mini"
 IGNORE = -100
 LORA_MODULES = r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -189,11 +188,6 @@ def answer_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     )
 
 
-def recorded(args: argparse.Namespace) -> dict[str, Any]:
-    """A run's arguments as its manifest shows them (training.recording.shown)."""
-    return {key: shown(value) for key, value in vars(args).items()}
-
-
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:
     return {
         n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad
@@ -236,7 +230,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 "step": step,
                 "order": order,
                 "elapsed_s": elapsed_before + time.monotonic() - started,
-                "args": recorded(args),
+                "args": {key: shown(value) for key, value in vars(args).items()},
             },
             args.out / STATE,
         )

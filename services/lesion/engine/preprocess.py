@@ -93,19 +93,22 @@ def resample(plane: np.ndarray, grid: WorkGrid) -> np.ndarray:
     return np.asarray(Image.fromarray(crop).resize((width, height), Image.Resampling.BILINEAR))
 
 
-def local_background(plane: np.ndarray, fov: np.ndarray, sigma: float) -> np.ndarray:
-    """H x W float32 -> its Gaussian-smoothed background, averaged over FOV pixels only
-    (normalised convolution), so the black surround does not darken the rim."""
-    height, width = plane.shape
+def local_backgrounds(planes: np.ndarray, fov: np.ndarray, sigma: float) -> np.ndarray:
+    """C x H x W float32 -> each plane's Gaussian-smoothed background, averaged over FOV pixels
+    only (normalised convolution), so the black surround does not darken the rim."""
+    height, width = fov.shape
     small = (max(1, width // _BACKGROUND_STEP), max(1, height // _BACKGROUND_STEP))
 
     def smooth(values: np.ndarray) -> np.ndarray:
         coarse = Image.fromarray(values, mode="F").resize(small, Image.Resampling.BOX)
         return ndimage.gaussian_filter(np.asarray(coarse), sigma / _BACKGROUND_STEP)
 
-    weight = np.maximum(smooth(fov.astype(np.float32)), 1e-6)
-    background = Image.fromarray(smooth(plane * fov) / weight, mode="F")
-    return np.asarray(background.resize((width, height), Image.Resampling.BILINEAR))
+    weight = np.maximum(smooth(fov.astype(np.float32)), 1e-6)  # the same for every plane
+    backgrounds = np.empty_like(planes)
+    for c, plane in enumerate(planes):
+        background = Image.fromarray(smooth(plane * fov) / weight, mode="F")
+        backgrounds[c] = np.asarray(background.resize((width, height), Image.Resampling.BILINEAR))
+    return backgrounds
 
 
 def _z_scores(plane: np.ndarray, fov: np.ndarray) -> np.ndarray:
@@ -117,11 +120,12 @@ def standardise(rgb: np.ndarray, fov: np.ndarray, fov_radius: float) -> np.ndarr
     """uint8 H x W x 3 on the grid -> float32 6 x H x W network input, 0 outside the FOV:
     per-channel FOV z-scores, then the z-scores of the same channels' departures from their
     local background."""
-    sigma = fov_radius * _BACKGROUND_SIGMA_PER_RADIUS
+    colours = np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32)
+    departures = colours - local_backgrounds(
+        colours, fov, fov_radius * _BACKGROUND_SIGMA_PER_RADIUS
+    )
     out = np.empty((INPUT_CHANNELS, *fov.shape), dtype=np.float32)
-    for c in range(3):
-        plane = rgb[..., c].astype(np.float32)
+    for c, plane in enumerate((*colours, *departures)):
         out[c] = _z_scores(plane, fov)
-        out[c + 3] = _z_scores(plane - local_background(plane, fov, sigma), fov)
     out *= fov
     return out
