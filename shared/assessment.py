@@ -14,7 +14,9 @@ Referable DR: grade >= 2, or macular-edema risk (the usual screening definition)
 Macular-edema risk: hard exudates within `MACULA_RADIUS_DD` (1 disc diameter) of the fovea.
 Glaucoma suspicion: vertical cup-to-disc ratio >= `CDR_SUSPECT` (0.6); >= `CDR_HIGH` (0.7)
 is called high. Image quality: a rejected image is not graded; a usable one is graded with
-the caveat that small lesions may be missed.
+the caveat that small lesions may be missed, and so is a photograph whose field of view is
+under `DETAIL_FOV_DIAMETER_PX` across (a microaneurysm, 5-15 px in IDRiD's 3,400-px field of
+view that the lesion model learnt from, is then 1-4 px wide).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ CDR_SUSPECT = 0.6
 CDR_HIGH = 0.7
 SEVERE_HAEMORRHAGES_PER_QUADRANT = 20  # ICDR severe NPDR: "more than 20 ... in each of 4"
 REFERABLE_GRADE = 2
+DETAIL_FOV_DIAMETER_PX = 1000
 
 _NAMES = {  # singular, plural
     findings.LesionType.MICROANEURYSM: ("microaneurysm", "microaneurysms"),
@@ -155,20 +158,34 @@ def glaucoma_suspicion(result: findings.Findings) -> tuple[bool | None, str]:
     return False, f"no glaucoma suspicion: vertical CDR {cdr:.2f} < {CDR_SUSPECT}"
 
 
+def resolution_caveat(result: findings.Findings) -> list[str]:
+    """A caveat when the field of view is too few pixels across for small lesions."""
+    fov = result.image.field_of_view if result.image is not None else None
+    diameter = 2 * fov.radius if fov is not None else 0.0
+    if 0 < diameter < DETAIL_FOV_DIAMETER_PX:
+        return [
+            f"low resolution (field of view {diameter:.0f} px across, under "
+            f"{DETAIL_FOV_DIAMETER_PX}): microaneurysms may be missed and lesion findings are "
+            "less reliable"
+        ]
+    return []
+
+
 def quality_caveats(result: findings.Findings) -> tuple[bool, list[str]]:
-    """(gradable, caveats) from the image-quality grade."""
+    """(gradable, caveats) from the image-quality grade and the field of view's size."""
     grade = result.quality.grade if result.quality is not None else None
     if grade == findings.QualityGrade.REJECT:
         reasons = "; ".join(result.quality.reasons) if result.quality else ""
         detail = f" ({reasons})" if reasons else ""
         return False, [f"image quality reject{detail}: not graded; re-take the photograph"]
+    caveats = resolution_caveat(result)
     if grade == findings.QualityGrade.USABLE:
-        return True, [
-            "image quality usable, not good: small lesions (microaneurysms) may be missed"
-        ]
+        caveats.insert(
+            0, "image quality usable, not good: small lesions (microaneurysms) may be missed"
+        )
     if grade is None:
-        return True, ["image quality not assessed"]
-    return True, []
+        caveats.insert(0, "image quality not assessed")
+    return True, caveats
 
 
 def assess(result: findings.Findings) -> findings.Assessment:

@@ -3,7 +3,10 @@ the loss, and one optimiser step (the loop the real runs use)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 
 from services.lesion.engine.preprocess import INPUT_CHANNELS, standardise
@@ -46,9 +49,12 @@ def _grid_image(rng: np.random.Generator, ma_valid: bool = True) -> data.GridIma
 def test_one_training_step_learns_from_lesion_centred_tiles() -> None:
     rng = np.random.default_rng(0)
     config = train.Config(batch=4, tile=64, widths=(4, 8, 16, 32, 64), lesion_fraction=1.0)
-    full = [(image, train.seeds_of(image, rng)) for image in (_grid_image(rng),)]
-    lowres = [(image, train.seeds_of(image, rng)) for image in (_grid_image(rng, False),)]
-    inputs, targets, weights = train.sample_batch(full, lowres, config, rng)
+    pools = {
+        "full": [(image, train.seeds_of(image, rng)) for image in (_grid_image(rng),)],
+        "lowres": [(image, train.seeds_of(image, rng)) for image in (_grid_image(rng, False),)],
+        "negative": [],
+    }
+    inputs, targets, weights = train.sample_batch(pools, config, rng)
     assert inputs.shape == (4, INPUT_CHANNELS, 64, 64) and targets.shape == (4, 4, 64, 64)
     assert targets.sum() > 0  # lesion-centred tiles contain lesions
     assert set(weights[:, 0].tolist()) <= {0.0, 1.0}  # MA counts only where it is labelled
@@ -62,3 +68,42 @@ def test_one_training_step_learns_from_lesion_centred_tiles() -> None:
         not torch.equal(a, b) for a, b in zip(before, state.net.parameters(), strict=True)
     )
     assert changed == len(before)
+
+
+def test_negative_tiles_teach_every_type_absent() -> None:
+    rng = np.random.default_rng(1)
+    config = train.Config(batch=6, tile=64, negative_fraction=1.0, lowres_fraction=0.0)
+    healthy = _grid_image(rng)
+    healthy = data.GridImage("other-camera", healthy.inputs, healthy.targets * 0, healthy.fov, True)
+    pools = {
+        "full": [(image, train.seeds_of(image, rng)) for image in (_grid_image(rng),)],
+        "lowres": [],
+        "negative": [(healthy, train.seeds_of(healthy, rng))],
+    }
+    _, targets, weights = train.sample_batch(pools, config, rng)
+    assert targets.sum() == 0
+    assert weights.min() == 1.0  # MA included: a lesion-free photograph has none
+
+
+def test_fine_tuning_carries_the_earlier_runs_and_refuses_another_folds_model(
+    tmp_path: Path,
+) -> None:
+    weights = tmp_path / "lesion-unet.safetensors"
+    config = train.Config(
+        widths=(4, 8, 16, 32, 64), fold="all", output=weights, negative_fraction=0.0
+    )
+    state = train.new_state(config)
+    state.step, state.elapsed_s = 7, 12.0
+    train.export(config, state)
+
+    tuned = train.Config(**{**config.__dict__, "init": weights})
+    resumed = train.new_state(tuned)
+    train.start_from(tuned, resumed)
+    assert [run["steps"] for run in resumed.earlier_runs] == [7]
+    resumed.step, resumed.elapsed_s = 3, 5.0
+    manifest = train.export(tuned, resumed)
+    assert manifest["training"]["steps"] == 10 and manifest["training"]["wall_time_s"] == 17.0
+    assert len(manifest["training"]["runs"]) == 2
+
+    with pytest.raises(SystemExit, match="fold all"):
+        train.start_from(train.Config(**{**tuned.__dict__, "fold": "0"}), train.new_state(tuned))

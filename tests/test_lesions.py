@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from protos.retinal.v1 import common_pb2, findings_pb2, lesion_pb2, lesion_pb2_grpc
@@ -324,6 +325,22 @@ def test_quality_and_missing_lesions_are_said_plainly() -> None:
     assert any("no lesion type was assessed" in r for r in unmeasured.reasons)
 
 
+@pytest.mark.parametrize(
+    ("fov_diameter", "warned"), [(540.0, True), (999.0, True), (1800.0, False)]
+)
+def test_a_small_field_of_view_is_a_caveat_not_a_rejection(fov_diameter, warned) -> None:
+    result = _findings([_lesion(MA, Quadrant.SUPERO_NASAL, 2.0)])
+    result.image = findings.ImageInfo(
+        field_of_view=findings.FieldOfView(radius=fov_diameter / 2), width=2000, height=2000
+    )
+    assessment = assess(result)
+    assert assessment.dr_grade == 1  # still graded
+    low = [c for c in assessment.caveats if c.startswith("low resolution")]
+    assert bool(low) is warned
+    if warned:
+        assert f"{fov_diameter:.0f} px" in low[0]
+
+
 # --- the network input -------------------------------------------------------------------
 
 
@@ -381,6 +398,22 @@ def test_the_detector_verifies_the_manifest_sha256(tmp_path: Path) -> None:
     _tiny_model(weights, task="vessel-segmentation")
     with pytest.raises(ValueError, match="not 'lesion-segmentation'"):
         LesionDetector.load(weights)
+
+
+@pytest.mark.parametrize(("flips", "dims"), [(1, ()), (2, (3,)), (4, (2, 3))])
+def test_test_time_flips_make_the_maps_mirror_with_the_image(
+    tmp_path: Path, flips: int, dims: tuple[int, ...]
+) -> None:
+    weights = tmp_path / "lesion.safetensors"
+    _tiny_model(weights)
+    detector = LesionDetector.load(weights, threads=1, precision="fp32", test_time_flips=flips)
+    inputs = torch.randn(1, INPUT_CHANNELS, 48, 64, generator=torch.Generator().manual_seed(0))
+    maps = detector.probabilities(inputs)
+    assert maps.shape == (4, 48, 64)
+    for mirror in ((3,), (2,)):  # left-right, then upside down
+        mirrored = detector.probabilities(inputs.flip(mirror)).flip([d - 1 for d in mirror])
+        # Averaging over a flip makes the maps follow that flip of the image, and only then.
+        assert torch.allclose(mirrored, maps, atol=1e-5) is (mirror[0] in dims)
 
 
 def test_the_committed_manifest_matches_its_weights() -> None:

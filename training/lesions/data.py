@@ -10,6 +10,11 @@ Two sources under ../shared/datasets:
   both would leak held-out images into training). They are stretched back to 4288 x 2848 and
   put on the same grid; they are blurry there, and their MA masks mean nothing at 512 px, so
   MA is not trained on them (`ma_valid` False).
+- Negatives: photographs from other cameras with no lesion labels (DRIVE training, LES-AV),
+  trained as lesion-free so the network learns what normal anatomy looks like beyond IDRiD's
+  camera. DRIVE says 7 of its 40 photographs show mild early DR without naming them, so a few
+  of its tiles may hold an unlabelled lesion. Drishti-GS1 and DRIVE test stay out: the bench
+  counts lesions found on them (an unseen camera, and unseen photographs of a seen one).
 Targets on the grid are area fractions (0-255) of the full-size masks.
 """
 
@@ -37,6 +42,8 @@ LOWRES_IDS = tuple(f"IDRiD_{i:02d}" for i in range(21, 55))
 FULL_SIZE = (4288, 2848)
 LOWRES_SUFFIXES = ("MA", "HE", "EX", "SE")  # channel order of the network
 FOLDS = 4
+NEGATIVE_FOLDERS = ("DRIVE/training/images", "LES-AV/training/images", "LES-AV/test/images")
+PHOTO_SUFFIXES = {".tif", ".png", ".jpg"}
 
 
 def fold_ids(fold: int) -> tuple[str, ...]:
@@ -94,23 +101,46 @@ def load_lowres(image_id: str, root: Path = DEFAULT_ROOT) -> tuple[np.ndarray, n
     return rgb, np.stack(planes)
 
 
-def cached(image_id: str, lowres: bool, root: Path, cache: Path) -> GridImage:
-    """The grid image, from `cache` when it was prepared before (decoding is the slow part)."""
-    kind = "lowres" if lowres else "full"
-    path = cache / f"{kind}-{WORK_FOV_DIAMETER}-{INPUT_CHANNELS}ch-{image_id}.npz"
+def negative_ids(root: Path = DEFAULT_ROOT) -> list[str]:
+    """The negatives' paths relative to `root`; empty where those datasets are absent."""
+    return [
+        str(path.relative_to(root))
+        for folder in NEGATIVE_FOLDERS
+        if (root / folder).is_dir()
+        for path in sorted((root / folder).iterdir())
+        if path.suffix.lower() in PHOTO_SUFFIXES
+    ]
+
+
+def load_negative(image_id: str, root: Path = DEFAULT_ROOT) -> tuple[np.ndarray, np.ndarray]:
+    """A photograph without lesions and its all-false masks."""
+    rgb = np.asarray(Image.open(root / image_id).convert("RGB"))
+    return rgb, np.zeros((len(LOWRES_SUFFIXES), *rgb.shape[:2]), dtype=bool)
+
+
+LOADERS = {"full": load_full, "lowres": load_lowres, "negative": load_negative}
+
+
+def cached(image_id: str, kind: str, root: Path, cache: Path) -> GridImage:
+    """The grid image of one `LOADERS` kind, from `cache` when it was prepared before
+    (decoding is the slow part)."""
+    name = image_id.replace("/", "_")
+    path = cache / f"{kind}-{WORK_FOV_DIAMETER}-{INPUT_CHANNELS}ch-{name}.npz"
     if path.is_file():
         with np.load(path) as data:
             return GridImage(
                 image_id, data["inputs"], data["targets"], data["fov"], bool(data["ma_valid"])
             )
-    rgb, masks = (load_lowres if lowres else load_full)(image_id, root)
-    image = on_grid(rgb, masks, image_id, ma_valid=not lowres)
+    rgb, masks = LOADERS[kind](image_id, root)
+    image = on_grid(rgb, masks, image_id, ma_valid=kind != "lowres")
     cache.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.npz")  # runs in parallel share the cache
     np.savez(
-        path,
+        partial,
         inputs=image.inputs,
         targets=image.targets,
         fov=image.fov,
         ma_valid=image.ma_valid,
     )
+    partial.replace(path)
     return image

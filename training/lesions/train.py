@@ -8,11 +8,13 @@ Tiles of the working grid (about half of IDRiD's full resolution, where microane
 are drawn with a bias towards lesions: with probability --lesion-fraction a tile is centred on a
 random labelled pixel of a type chosen uniformly among those the image has (MA and SE are rare
 and would otherwise hardly be seen). --lowres-fraction of the tiles come from IDRiD-seg-512
-(images 21-54, no MA labels). Loss per type: BCE + soft Dice over the batch (Dice keeps the
+(images 21-54, no MA labels), and --negative-fraction from photographs of other cameras trained
+as lesion-free (data.negative_ids). Loss per type: BCE + soft Dice over the batch (Dice keeps the
 rare, tiny MA from being drowned by background). AdamW with warm-up and cosine decay; the decay
 follows the larger of step/--steps and elapsed/--time-limit-min, so a run cut by its time limit
 still ends at a low learning rate. --fold k holds out data.fold_ids(k) (cross-validation by
-image; the bench evaluates them); --fold all trains on all 20 full-size images.
+image; the bench evaluates them); --fold all trains on all 20 full-size images. --init WEIGHTS
+fine-tunes an exported model of the same fold; the manifest lists every run.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from services.analysis.engine.model_files import save_with_manifest
+from services.analysis.engine.model_files import load_verified, save_with_manifest
 from services.analysis.engine.nets import VesselUNet
 from services.analysis.engine.runtime import pick_device
 from services.lesion.engine.detector import DEFAULT_WEIGHTS, SHORT_NAMES, TASK, TYPES
@@ -55,6 +57,7 @@ class Config:
     widths: tuple[int, ...] = (12, 24, 48, 96, 192)
     lesion_fraction: float = 0.6
     lowres_fraction: float = 0.2
+    negative_fraction: float = 0.15
     seed: int = 0
     bf16: bool = True
     threads: int = 0  # 0: torch's default (one per core)
@@ -68,6 +71,7 @@ class Config:
     log_every: int = 25
     resume: bool = False
     device: str = "auto"  # "auto": CUDA when present, else the CPU
+    init: Path | None = None  # exported weights to fine-tune
 
 
 @dataclass
@@ -77,6 +81,7 @@ class TrainState:
     step: int = 0
     elapsed_s: float = 0.0
     losses: list[float] = field(default_factory=list)
+    earlier_runs: list[dict] = field(default_factory=list)  # of the model --init started from
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--widths", default=",".join(map(str, defaults.widths)))
     parser.add_argument("--lesion-fraction", type=float, default=defaults.lesion_fraction)
     parser.add_argument("--lowres-fraction", type=float, default=defaults.lowres_fraction)
+    parser.add_argument("--negative-fraction", type=float, default=defaults.negative_fraction)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=defaults.bf16)
     parser.add_argument("--threads", type=int, default=defaults.threads)
@@ -112,16 +118,19 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--log-every", type=int, default=defaults.log_every)
     parser.add_argument("--resume", action="store_true", help="continue from the checkpoint")
     parser.add_argument("--device", default=defaults.device, choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--init", type=Path, help="exported .safetensors of this fold to fine-tune")
     args = parser.parse_args(argv)
     return Config(**{**vars(args), "widths": tuple(int(w) for w in args.widths.split(","))})
 
 
-def training_ids(config: Config) -> tuple[list[str], list[str]]:
-    """(full-size ids, low-res ids) used for training in this fold."""
+def training_ids(config: Config) -> dict[str, list[str]]:
+    """The ids used for training in this fold, per data.LOADERS kind."""
     held_out = set() if config.fold == "all" else set(data.fold_ids(int(config.fold)))
-    full = [i for i in data.FULL_IDS if i not in held_out]
-    lowres = list(data.LOWRES_IDS) if config.lowres_fraction > 0 else []
-    return full, lowres
+    return {
+        "full": [i for i in data.FULL_IDS if i not in held_out],
+        "lowres": list(data.LOWRES_IDS) if config.lowres_fraction > 0 else [],
+        "negative": data.negative_ids(config.data_root) if config.negative_fraction > 0 else [],
+    }
 
 
 def seeds_of(image: data.GridImage, rng: np.random.Generator) -> Seeds:
@@ -178,16 +187,24 @@ def sample_tile(
     return np.ascontiguousarray(inputs * gain + shift), np.ascontiguousarray(targets)
 
 
+def pick_pool(
+    pools: dict[str, list[tuple[data.GridImage, Seeds]]], config: Config, rng: np.random.Generator
+) -> list[tuple[data.GridImage, Seeds]]:
+    draw = rng.random()
+    if pools["negative"] and draw < config.negative_fraction:
+        return pools["negative"]
+    if pools["lowres"] and draw < config.negative_fraction + config.lowres_fraction:
+        return pools["lowres"]
+    return pools["full"]
+
+
 def sample_batch(
-    full: list[tuple[data.GridImage, Seeds]],
-    lowres: list[tuple[data.GridImage, Seeds]],
-    config: Config,
-    rng: np.random.Generator,
+    pools: dict[str, list[tuple[data.GridImage, Seeds]]], config: Config, rng: np.random.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inputs N x C x T x T, targets N x 4 x T x T, and a N x 4 loss weight (0: unlabelled)."""
     inputs, targets, weights = [], [], []
     for _ in range(config.batch):
-        pool = lowres if lowres and rng.random() < config.lowres_fraction else full
+        pool = pick_pool(pools, config, rng)
         image, seeds = pool[rng.integers(len(pool))]
         x, y = sample_tile(image, seeds, config, rng)
         inputs.append(x)
@@ -236,6 +253,26 @@ def new_state(config: Config) -> TrainState:
     return TrainState(net, optimizer)
 
 
+def start_from(config: Config, state: TrainState) -> None:
+    """Load --init's weights and carry its runs over; refuse another fold's model, whose
+    training images may be this fold's held-out ones."""
+    assert config.init is not None
+    earlier = load_verified(config.init)
+    fold = earlier.manifest["training_data"]["fold"]
+    if fold != config.fold:
+        raise SystemExit(f"--init {config.init} was trained for fold {fold}, not {config.fold}")
+    state.net.load_state_dict({k: v.float() for k, v in earlier.state.items()})
+    training = earlier.manifest["training"]
+    state.earlier_runs = training.get("runs") or [
+        {
+            "fine_tunes": None,
+            **{k: training[k] for k in ("steps", "wall_time_s", "final_loss", "machine")},
+            "recipe": earlier.manifest["recipe"],
+            "training_data": earlier.manifest["training_data"],
+        }
+    ]
+
+
 def save_checkpoint(config: Config, state: TrainState) -> None:
     path = checkpoint_path(config)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -268,11 +305,13 @@ def out_of_time(config: Config, state: TrainState) -> bool:
 def train(config: Config, state: TrainState) -> TrainState:
     rng = np.random.default_rng(config.seed + state.step)  # a resumed run draws new tiles
     torch.manual_seed(config.seed + state.step)
-    full_ids, lowres_ids = training_ids(config)
-    full = [data.cached(i, False, config.data_root, config.cache) for i in full_ids]
-    lowres = [data.cached(i, True, config.data_root, config.cache) for i in lowres_ids]
-    full_pool = [(image, seeds_of(image, rng)) for image in full]
-    lowres_pool = [(image, seeds_of(image, rng)) for image in lowres]
+    pools = {
+        kind: [
+            (image, seeds_of(image, rng))
+            for image in (data.cached(i, kind, config.data_root, config.cache) for i in ids)
+        ]
+        for kind, ids in training_ids(config).items()
+    }
     state.net.train()
     device = pick_device(config.device)
     running: list[float] = []
@@ -280,7 +319,7 @@ def train(config: Config, state: TrainState) -> TrainState:
         start = time.perf_counter()
         for group in state.optimizer.param_groups:
             group["lr"] = learning_rate(config, state)
-        inputs, targets, weights = sample_batch(full_pool, lowres_pool, config, rng)
+        inputs, targets, weights = sample_batch(pools, config, rng)
         inputs = inputs.to(device).contiguous(memory_format=torch.channels_last)
         targets, weights = targets.to(device), weights.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
@@ -308,9 +347,30 @@ def train(config: Config, state: TrainState) -> TrainState:
 
 def export(config: Config, state: TrainState) -> dict:
     """fp16 safetensors + manifest (data ids, recipe, wall time); metrics come from the bench."""
-    full_ids, lowres_ids = training_ids(config)
-    held_out = [] if config.fold == "all" else list(data.fold_ids(int(config.fold)))
+    ids = training_ids(config)
+    training_data = {
+        "IDRiD-seg": ids["full"],
+        "IDRiD-seg-512": ids["lowres"],
+        "negatives (other cameras, trained as lesion-free)": ids["negative"],
+        "held_out": [] if config.fold == "all" else list(data.fold_ids(int(config.fold))),
+        "fold": config.fold,
+    }
     recipe = {k: shown(v) for k, v in asdict(config).items()}
+    machine = (
+        f"{platform.machine()} {pick_device(config.device)}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}"
+    )
+    final_loss = state.losses[-1] if state.losses else None
+    this_run = {
+        "fine_tunes": shown(config.init) if config.init else None,
+        "steps": state.step,
+        "wall_time_s": round(state.elapsed_s, 1),
+        "final_loss": final_loss,
+        "machine": machine,
+        "recipe": recipe,
+        "training_data": training_data,
+    }
+    runs = [*state.earlier_runs, this_run]
     manifest = {
         "name": config.output.stem,
         "version": VERSION,
@@ -326,20 +386,14 @@ def export(config: Config, state: TrainState) -> dict:
             "work_fov_diameter_px": WORK_FOV_DIAMETER,
         },
         "thresholds": {SHORT_NAMES[t]: 0.5 for t in TYPES},
-        "training_data": {
-            "IDRiD-seg": full_ids,
-            "IDRiD-seg-512": lowres_ids,
-            "held_out": held_out,
-            "fold": config.fold,
-        },
+        "training_data": training_data,
         "recipe": recipe,
-        "training": {
-            "steps": state.step,
-            "wall_time_s": round(state.elapsed_s, 1),
-            "final_loss": state.losses[-1] if state.losses else None,
-            "machine": f"{platform.machine()} {pick_device(config.device)}, "
-            f"{torch.get_num_threads()} threads, torch "
-            f"{torch.__version__}",
+        "training": {  # totals over every run since the model was initialised
+            "steps": sum(run["steps"] for run in runs),
+            "wall_time_s": round(sum(run["wall_time_s"] for run in runs), 1),
+            "final_loss": final_loss,
+            "machine": machine,
+            "runs": runs,
         },
         "metrics": {},
         "license": "weights trained on IDRiD (CC BY 4.0)",
@@ -356,6 +410,8 @@ def main(argv: list[str] | None = None) -> None:
     if config.threads:
         torch.set_num_threads(config.threads)
     state = new_state(config)
+    if config.init:
+        start_from(config, state)
     if config.resume and checkpoint_path(config).is_file():
         state = load_checkpoint(config, state)
     state = train(config, state)

@@ -2,7 +2,9 @@
 
 The image goes onto the working grid (`preprocess.py`), then through a 4-output `VesselUNet`
 (the analysis service's compact U-Net, built here with four sigmoid outputs) in overlapping
-tiles: each tile's border, where the convolutions saw padding, is discarded. On CPUs with
+tiles: each tile's border, where the convolutions saw padding, is discarded. With
+`test_time_flips` 2 or 4 (the manifest's choice, measured by bench/lesions.py) the pass is
+repeated on the mirrored image (and upside down) and the probabilities averaged. On CPUs with
 native bf16 (AVX512-BF16 / AMX) the pass runs under bf16 autocast with channels-last memory,
 as the vessel network does.
 """
@@ -13,6 +15,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +38,7 @@ TYPES = (
 SHORT_NAMES = LESION_SHORT_NAMES
 TILE = 1024  # most working px per tile side, margin included (bounds the memory of a pass)
 MARGIN = 32  # px of each tile border discarded (the U-Net's padding effects)
+FLIP_DIMS = ((), (3,), (2,), (2, 3))  # identity, mirrored, upside down, both: the first N run
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,14 @@ class LesionDetector(NetRunner):
         listed = self.manifest.get("reported_types")
         return TYPES if listed is None else tuple(t for t in TYPES if SHORT_NAMES[t] in listed)
 
+    def __init__(self, *args: Any, test_time_flips: int | None = None, **kwargs: Any) -> None:
+        """`test_time_flips`: how many of FLIP_DIMS each pass averages (None: the manifest's
+        choice, 1 when it has none)."""
+        super().__init__(*args, **kwargs)
+        self.test_time_flips = test_time_flips or int(self.manifest.get("test_time_flips", 1))
+        if self.test_time_flips not in (1, 2, 4):
+            raise ValueError(f"test_time_flips must be 1, 2 or 4, not {self.test_time_flips}")
+
     def thresholds(self) -> dict[LesionType, float]:
         """Probability thresholds of the reported types, chosen on held-out images (0.5 when
         the manifest has none)."""
@@ -83,6 +95,13 @@ class LesionDetector(NetRunner):
         return {t: float(chosen.get(SHORT_NAMES[t], 0.5)) for t in self.reported_types()}
 
     def probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
+        """1 x 6 x h x w network input -> 4 x h x w float32 probabilities, averaged over the
+        first `test_time_flips` of FLIP_DIMS."""
+        views = FLIP_DIMS[: self.test_time_flips]
+        total = sum(self.tiled(inputs.flip(dims)).flip([d - 1 for d in dims]) for dims in views)
+        return total / len(views)
+
+    def tiled(self, inputs: torch.Tensor) -> torch.Tensor:
         """1 x 6 x h x w network input -> 4 x h x w float32 probabilities, tiled."""
         _, _, height, width = inputs.shape
         multiple = self.net.multiple
