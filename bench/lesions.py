@@ -147,8 +147,12 @@ def evaluate_fold(detector: LesionDetector, fold: int, root: Path, totals: dict)
             name = SHORT_NAMES[lesion_type]
             scores = full_resolution(maps.probabilities[channel], maps.grid, rgb.shape[:2])
             truth = masks[channel]
-            totals[name]["pos"] += np.bincount(scores[truth], minlength=LEVELS + 1)
-            totals[name]["neg"] += np.bincount(scores[~truth], minlength=LEVELS + 1)
+            positives = np.bincount(scores[truth], minlength=LEVELS + 1)
+            negatives = np.bincount(scores[~truth], minlength=LEVELS + 1)
+            totals[name]["pos"] += positives
+            totals[name]["neg"] += negatives
+            if positives.any():  # which images a pooled AUPR comes from
+                totals[name]["per_image"][image_id] = round(aupr(positives, negatives), 4)
             refs = components(truth.astype(np.float32), lesion_type, 0.5, gap_full)
             mine = [c for c in candidates if c.type == lesion_type]
             hits = match(mine, refs)
@@ -221,6 +225,7 @@ def cross_validation(specs: list[str], root: Path, threads: int, flips: int) -> 
             "neg": np.zeros(LEVELS + 1, np.int64),
             "records": [],
             "references": 0,
+            "per_image": {},
         }
         for t in TYPES
     }
@@ -238,6 +243,7 @@ def cross_validation(specs: list[str], root: Path, threads: int, flips: int) -> 
             "best_f1": round(f1, 4),
             "best_f1_threshold": round(threshold, 4),
             "lesions": froc(total["records"], total["references"], images),
+            "aupr_per_image_with_the_type": total["per_image"],
         }
     return {
         "cross_validation": {

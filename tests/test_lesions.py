@@ -573,3 +573,25 @@ def test_the_detector_reports_only_the_types_its_manifest_lists(tmp_path: Path) 
     assert [c.type for c in result.counts] == [HE, EX]
     assert set(result.masks) == {HE, EX}
     assert {lesion.type for lesion in result.lesions} <= {HE, EX}
+
+
+# --- the benchmark's metrics -------------------------------------------------------------
+
+
+def test_bench_aupr_and_f1_from_level_counts_match_sklearn_on_the_scores() -> None:
+    from sklearn.metrics import average_precision_score
+
+    from bench.lesions import LEVELS, aupr, best_f1_threshold
+
+    rng = np.random.default_rng(3)
+    truth = rng.random(5000) < 0.1
+    scores = np.clip(rng.normal(0.3 + 0.4 * truth, 0.2), 0, 1)
+    levels = np.round(scores * LEVELS).astype(np.int64)
+    positives = np.bincount(levels[truth], minlength=LEVELS + 1)
+    negatives = np.bincount(levels[~truth], minlength=LEVELS + 1)
+    assert aupr(positives, negatives) == pytest.approx(average_precision_score(truth, levels))
+    threshold, f1 = best_f1_threshold(positives, negatives)
+    called = levels >= round(threshold * LEVELS)
+    tp = (called & truth).sum()
+    assert f1 == pytest.approx(2 * tp / (called.sum() + truth.sum()))
+    assert 0.3 < threshold < 0.7  # between the two classes' means
