@@ -51,15 +51,17 @@ def components(
     grown = ndimage.maximum_filter(mask, size=size) if size > 1 else mask
     labels, count = ndimage.label(grown, structure=_EIGHT_CONNECTED)
     labels[~mask] = 0
-    index = np.arange(1, count + 1)
-    areas = ndimage.sum_labels(mask, labels, index)
-    peaks = ndimage.maximum(probability, labels, index)
+    # Over the lesion pixels only (ndimage.maximum sorts the whole image: 0.2 s a type).
+    owners = labels[mask]
+    areas = np.bincount(owners, minlength=count + 1)
+    peaks = np.zeros(count + 1, dtype=np.float64)
+    np.maximum.at(peaks, owners, probability[mask])
     return [
         Instance(
             type=lesion_type,
             box=(found[1].start, found[0].start, found[1].stop, found[0].stop),
-            area_px=float(areas[i]),
-            confidence=float(peaks[i]),
+            area_px=float(areas[i + 1]),
+            confidence=float(peaks[i + 1]),
         )
         for i, found in enumerate(ndimage.find_objects(labels))
         if found is not None
