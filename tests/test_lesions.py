@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.metrics import average_precision_score
 
+from bench.lesions import LEVELS, aupr, best_f1_threshold
 from protos.retinal.v1 import common_pb2, findings_pb2, lesion_pb2, lesion_pb2_grpc
 from services.analysis.engine.model_files import ModelIntegrityError, save_with_manifest
 from services.analysis.engine.nets import VesselUNet
@@ -579,10 +581,6 @@ def test_the_detector_reports_only_the_types_its_manifest_lists(tmp_path: Path) 
 
 
 def test_bench_aupr_and_f1_from_level_counts_match_sklearn_on_the_scores() -> None:
-    from sklearn.metrics import average_precision_score
-
-    from bench.lesions import LEVELS, aupr, best_f1_threshold
-
     rng = np.random.default_rng(3)
     truth = rng.random(5000) < 0.1
     scores = np.clip(rng.normal(0.3 + 0.4 * truth, 0.2), 0, 1)

@@ -74,12 +74,6 @@ class LesionDetector(NetRunner):
     TASK = TASK
     DEFAULT_WEIGHTS = DEFAULT_WEIGHTS
 
-    def reported_types(self) -> tuple[LesionType, ...]:
-        """The types this model reports: those its manifest lists as accurate enough on
-        held-out images (`reported_types`, written by bench/lesions.py); all when unlisted."""
-        listed = self.manifest.get("reported_types")
-        return TYPES if listed is None else tuple(t for t in TYPES if SHORT_NAMES[t] in listed)
-
     def __init__(self, *args: Any, test_time_flips: int | None = None, **kwargs: Any) -> None:
         """`test_time_flips`: how many of FLIP_DIMS each pass averages (None: the manifest's
         choice, 1 when it has none)."""
@@ -87,6 +81,12 @@ class LesionDetector(NetRunner):
         self.test_time_flips = test_time_flips or int(self.manifest.get("test_time_flips", 1))
         if self.test_time_flips not in (1, 2, 4):
             raise ValueError(f"test_time_flips must be 1, 2 or 4, not {self.test_time_flips}")
+
+    def reported_types(self) -> tuple[LesionType, ...]:
+        """The types this model reports: those its manifest lists as accurate enough on
+        held-out images (`reported_types`, written by bench/lesions.py); all when unlisted."""
+        listed = self.manifest.get("reported_types")
+        return TYPES if listed is None else tuple(t for t in TYPES if SHORT_NAMES[t] in listed)
 
     def thresholds(self) -> dict[LesionType, float]:
         """Probability thresholds of the reported types, chosen on held-out images (0.5 when
