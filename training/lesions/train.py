@@ -262,15 +262,7 @@ def start_from(config: Config, state: TrainState) -> None:
     if fold != config.fold:
         raise SystemExit(f"--init {config.init} was trained for fold {fold}, not {config.fold}")
     state.net.load_state_dict({k: v.float() for k, v in earlier.state.items()})
-    training = earlier.manifest["training"]
-    state.earlier_runs = training.get("runs") or [
-        {
-            "fine_tunes": None,
-            **{k: training[k] for k in ("steps", "wall_time_s", "final_loss", "machine")},
-            "recipe": earlier.manifest["recipe"],
-            "training_data": earlier.manifest["training_data"],
-        }
-    ]
+    state.earlier_runs = earlier.manifest["training"]["runs"]
 
 
 def save_checkpoint(config: Config, state: TrainState) -> None:
