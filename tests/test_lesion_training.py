@@ -70,6 +70,21 @@ def test_one_training_step_learns_from_lesion_centred_tiles() -> None:
     assert changed == len(before)
 
 
+def test_a_type_absent_from_the_batch_is_taught_by_bce_alone() -> None:
+    """No SE pixel in the batch: SE's gradient is BCE's, sigmoid / (types x tiles x pixels);
+    a Dice term would add a push towards 0 hundreds of times larger."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 8, 8, requires_grad=True)
+    targets = torch.zeros(2, 4, 8, 8)
+    targets[:, :3, 2:4, 2:4] = 1.0  # MA, HE and EX present, SE absent
+    train.compute_loss(logits, targets, torch.ones(2, 4)).backward()
+    assert logits.grad is not None
+    expected = torch.sigmoid(logits[:, 3]).detach() / (4 * 2 * 8 * 8)
+    torch.testing.assert_close(logits.grad[:, 3], expected)
+    bce_only = (torch.sigmoid(logits[:, 0]).detach() - targets[:, 0]) / (4 * 2 * 8 * 8)
+    assert not torch.allclose(logits.grad[:, 0], bce_only)  # a present type has its Dice term
+
+
 def test_negative_tiles_teach_every_type_absent() -> None:
     rng = np.random.default_rng(1)
     config = train.Config(batch=6, tile=64, negative_fraction=1.0, lowres_fraction=0.0)

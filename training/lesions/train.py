@@ -10,9 +10,9 @@ random labelled pixel of a type chosen uniformly among those the image has (MA a
 and would otherwise hardly be seen). --lowres-fraction of the tiles come from IDRiD-seg-512
 (images 21-54, no MA labels), and --negative-fraction from photographs of other cameras trained
 as lesion-free (data.negative_ids). Loss per type: BCE + soft Dice over the batch (Dice keeps the
-rare, tiny MA from being drowned by background). AdamW with warm-up and cosine decay; the decay
-follows the larger of step/--steps and elapsed/--time-limit-min, so a run cut by its time limit
-still ends at a low learning rate. --fold k holds out data.fold_ids(k) (cross-validation by
+rare, tiny MA from being drowned by background; it counts only for the types a batch holds).
+AdamW with warm-up and cosine decay; the decay follows the larger of step/--steps and
+elapsed/--time-limit-min, so a run cut by its time limit still ends at a low learning rate. --fold k holds out data.fold_ids(k) (cross-validation by
 image; the bench evaluates them); --fold all trains on all 20 full-size images. --init WEIGHTS
 fine-tunes an exported model of the same fold; the manifest lists every run.
 """
@@ -220,16 +220,21 @@ def sample_batch(
 def compute_loss(
     logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """Mean over types of BCE + (1 - soft Dice), each type only over its labelled tiles."""
+    """Mean over types of BCE + (1 - soft Dice), each type only over its labelled tiles.
+
+    The Dice term counts only for the types the batch holds: with none of a type in the batch,
+    Dice is 1 / (1 + the sum of its probabilities) and its gradient, hundreds of times BCE's per
+    pixel, would push every pixel of that type down, rare types (SE) in most batches. BCE alone
+    teaches the absence."""
     logits = logits.float()
     bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").mean((2, 3))
     probs = torch.sigmoid(logits)
     w = weights[:, :, None, None]
     intersection = (probs * targets * w).sum((0, 2, 3))
-    total = ((probs + targets) * w).sum((0, 2, 3))
-    dice = (2 * intersection + 1.0) / (total + 1.0)
+    reference = (targets * w).sum((0, 2, 3))
+    dice = (2 * intersection + 1.0) / ((probs * w).sum((0, 2, 3)) + reference + 1.0)
     labelled = weights.sum(0).clamp(min=1.0)
-    per_type = (bce * weights).sum(0) / labelled + (1.0 - dice)
+    per_type = (bce * weights).sum(0) / labelled + (1.0 - dice) * (reference > 0)
     return per_type[weights.sum(0) > 0].mean()
 
 
