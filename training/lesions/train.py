@@ -12,9 +12,10 @@ and would otherwise hardly be seen). --lowres-fraction of the tiles come from ID
 as lesion-free (data.negative_ids). Loss per type: BCE + soft Dice over the batch (Dice keeps the
 rare, tiny MA from being drowned by background; it counts only for the types a batch holds).
 AdamW with warm-up and cosine decay; the decay follows the larger of step/--steps and
-elapsed/--time-limit-min, so a run cut by its time limit still ends at a low learning rate. --fold k holds out data.fold_ids(k) (cross-validation by
-image; the bench evaluates them); --fold all trains on all 20 full-size images. --init WEIGHTS
-fine-tunes an exported model of the same fold; the manifest lists every run.
+elapsed/--time-limit-min, so a run cut by its time limit still ends at a low learning rate.
+--fold k holds out data.fold_ids(k) (cross-validation by image; the bench evaluates them);
+--fold all trains on all 20 full-size images. --init WEIGHTS fine-tunes an exported model of
+the same fold; the manifest lists every run.
 """
 
 from __future__ import annotations
