@@ -60,7 +60,8 @@ def test_one_training_step_learns_from_lesion_centred_tiles() -> None:
     assert set(weights[:, 0].tolist()) <= {0.0, 1.0}  # MA counts only where it is labelled
     state = train.new_state(config)
     before = [p.detach().clone() for p in state.net.parameters()]
-    loss = train.compute_loss(state.net(inputs), targets, weights)
+    every_type = torch.ones(4, dtype=torch.bool)
+    loss = train.compute_loss(state.net(inputs), targets, weights, every_type)
     assert torch.isfinite(loss) and loss.item() > 0
     loss.backward()
     state.optimizer.step()
@@ -70,19 +71,29 @@ def test_one_training_step_learns_from_lesion_centred_tiles() -> None:
     assert changed == len(before)
 
 
-def test_a_type_absent_from_the_batch_is_taught_by_bce_alone() -> None:
-    """No SE pixel in the batch: SE's gradient is BCE's, sigmoid / (types x tiles x pixels);
-    a Dice term would add a push towards 0 hundreds of times larger."""
+@pytest.mark.parametrize("dice_when_absent", [(), ("ma", "he", "ex"), ("se",)])
+def test_dice_counts_for_absent_types_only_where_asked(dice_when_absent: tuple[str, ...]) -> None:
+    """HE and SE absent from the batch: each gets Dice's push towards 0 only when named,
+    otherwise its gradient is BCE's alone, sigmoid / (types x tiles x pixels). Present types
+    always have their Dice term."""
     torch.manual_seed(0)
     logits = torch.randn(2, 4, 8, 8, requires_grad=True)
     targets = torch.zeros(2, 4, 8, 8)
-    targets[:, :3, 2:4, 2:4] = 1.0  # MA, HE and EX present, SE absent
-    train.compute_loss(logits, targets, torch.ones(2, 4)).backward()
+    targets[:, [0, 2], 2:4, 2:4] = 1.0  # MA and EX present, HE and SE absent
+    named = torch.tensor([name in dice_when_absent for name in ("ma", "he", "ex", "se")])
+    train.compute_loss(logits, targets, torch.ones(2, 4), named).backward()
     assert logits.grad is not None
-    expected = torch.sigmoid(logits[:, 3]).detach() / (4 * 2 * 8 * 8)
-    torch.testing.assert_close(logits.grad[:, 3], expected)
-    bce_only = (torch.sigmoid(logits[:, 0]).detach() - targets[:, 0]) / (4 * 2 * 8 * 8)
-    assert not torch.allclose(logits.grad[:, 0], bce_only)  # a present type has its Dice term
+    for channel in range(4):
+        bce_only = (torch.sigmoid(logits[:, channel]).detach() - targets[:, channel]) / (4 * 128)
+        has_dice = channel in (0, 2) or bool(named[channel])
+        assert torch.allclose(logits.grad[:, channel], bce_only) is not has_dice, channel
+
+
+def test_dice_when_absent_takes_known_types_only() -> None:
+    assert train.parse_args(["--dice-when-absent", ""]).dice_when_absent == ()
+    assert train.parse_args(["--dice-when-absent", "se,ma"]).dice_when_absent == ("se", "ma")
+    with pytest.raises(SystemExit):
+        train.parse_args(["--dice-when-absent", "drusen"])
 
 
 def test_negative_tiles_teach_every_type_absent() -> None:
