@@ -10,7 +10,9 @@
   out IDRiD_{k+1}, +4, +8, ...), at FULL resolution: the probabilities are resized from the
   working grid back onto the 4288 x 2848 image and compared with the full-size masks over all
   pixels, pooled over the held-out images. Scores are quantised to 1/65535 so the curve is
-  computed from per-level counts (exact for the quantised scores).
+  computed from per-level counts (exact for the quantised scores). Also per fold and their
+  mean: the pooled curve ranks several models' pixels together, and models whose
+  probabilities run on different scales score lower pooled than each does alone.
 - Lesion-level detection per type: reference lesions are the components of the full-size
   masks, merged with the service's rule; candidates are the service's instances at a low
   threshold (`CANDIDATE_THRESHOLD`), ranked by confidence. A candidate is a true positive when
@@ -226,6 +228,7 @@ def cross_validation(specs: list[str], root: Path, threads: int, flips: int) -> 
             "records": [],
             "references": 0,
             "per_image": {},
+            "per_fold": {},
         }
         for t in TYPES
     }
@@ -233,13 +236,22 @@ def cross_validation(specs: list[str], root: Path, threads: int, flips: int) -> 
     for spec in specs:
         fold, weights = spec.split("=", 1)
         detector = LesionDetector.load(Path(weights), threads=threads, test_time_flips=flips)
+        before = {name: (t["pos"].copy(), t["neg"].copy()) for name, t in totals.items()}
         folds[fold] = evaluate_fold(detector, int(fold), root, totals)
+        for name, total in totals.items():
+            positives, negatives = total["pos"] - before[name][0], total["neg"] - before[name][1]
+            if positives.any():
+                total["per_fold"][fold] = round(aupr(positives, negatives), 4)
     images = sum(len(ids) for ids in folds.values())
     per_type = {}
     for name, total in totals.items():
         threshold, f1 = best_f1_threshold(total["pos"], total["neg"])
         per_type[name] = {
             "aupr": round(aupr(total["pos"], total["neg"]), 4),
+            "aupr_per_fold": total["per_fold"],
+            "aupr_mean_over_folds": round(statistics.mean(total["per_fold"].values()), 4)
+            if total["per_fold"]
+            else None,
             "best_f1": round(f1, 4),
             "best_f1_threshold": round(threshold, 4),
             "lesions": froc(total["records"], total["references"], images),

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from services.lesion.engine.detector import SHORT_NAMES, TYPES
 from services.lesion.engine.preprocess import INPUT_CHANNELS, standardise
 from training.lesions import data, train
 
@@ -80,7 +81,7 @@ def test_dice_counts_for_absent_types_only_where_asked(dice_when_absent: tuple[s
     logits = torch.randn(2, 4, 8, 8, requires_grad=True)
     targets = torch.zeros(2, 4, 8, 8)
     targets[:, [0, 2], 2:4, 2:4] = 1.0  # MA and EX present, HE and SE absent
-    named = torch.tensor([name in dice_when_absent for name in ("ma", "he", "ex", "se")])
+    named = torch.tensor([SHORT_NAMES[t] in dice_when_absent for t in TYPES])
     train.compute_loss(logits, targets, torch.ones(2, 4), named).backward()
     assert logits.grad is not None
     for channel in range(4):
