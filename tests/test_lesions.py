@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from sklearn.metrics import average_precision_score
 
-from bench.lesions import LEVELS, aupr, best_f1_threshold
+from bench.lesions import LEVELS, REPORTING_FLOOR, aupr, best_f1_threshold, update_manifest
 from protos.retinal.v1 import common_pb2, findings_pb2, lesion_pb2, lesion_pb2_grpc
 from services.analysis.engine.model_files import ModelIntegrityError, save_with_manifest
 from services.analysis.engine.nets import VesselUNet
@@ -593,3 +593,36 @@ def test_bench_aupr_and_f1_from_level_counts_match_sklearn_on_the_scores() -> No
     tp = (called & truth).sum()
     assert f1 == pytest.approx(2 * tp / (called.sum() + truth.sum()))
     assert 0.3 < threshold < 0.7  # between the two classes' means
+
+
+def test_the_manifest_reports_types_by_their_mean_fold_aupr(tmp_path: Path) -> None:
+    """Haemorrhages clear the floor in each fold but not pooled (two models' scales mixed):
+    they are reported. Cotton-wool spots fall short in one fold and on average: not reported."""
+    floor = REPORTING_FLOOR
+    per_fold = {
+        "ma": (floor["ma"] + 0.1, floor["ma"] + 0.2),
+        "he": (floor["he"] + 0.01, floor["he"] + 0.1),
+        "ex": (floor["ex"] + 0.3, floor["ex"] + 0.3),
+        "se": (floor["se"] - 0.2, floor["se"] + 0.1),
+    }
+    pooled = {"ma": floor["ma"] + 0.1, "he": floor["he"] - 0.05, "ex": 0.8, "se": 0.3}
+    report = {
+        "cross_validation": {"folds_run": {"0": [], "1": []}, "held_out_images": 10},
+        "per_type": {
+            name: {
+                "aupr": pooled[name],
+                "aupr_per_fold": dict(zip(("0", "1"), folds, strict=True)),
+                "aupr_mean_over_folds": sum(folds) / 2,
+                "best_f1_threshold": 0.2,
+                "lesions": {"sensitivity_at_2_fp": 0.1},
+            }
+            for name, folds in per_fold.items()
+        },
+    }
+    weights = tmp_path / "lesion-unet.safetensors"
+    weights.with_suffix(".json").write_text(json.dumps({"name": "lesion-unet"}))
+    update_manifest(weights, report)
+    manifest = json.loads(weights.with_suffix(".json").read_text())
+    assert manifest["reported_types"] == ["ma", "he", "ex"]
+    assert manifest["metrics"]["aupr"]["he"] == pooled["he"]
+    assert manifest["thresholds"] == dict.fromkeys(per_fold, 0.5)  # never below 0.5
