@@ -139,8 +139,10 @@ def froc(records: list[tuple[float, bool]], references: int, images: int) -> dic
 
 
 def evaluate_fold(detector: LesionDetector, fold: int, root: Path, totals: dict) -> list[str]:
-    """Accumulate pixel counts and lesion matches of one fold's held-out images into totals."""
+    """Accumulate pixel counts and lesion matches of one fold's held-out images into totals,
+    and the fold's own AUPR per type."""
     ids = list(data.fold_ids(fold))
+    fold_counts = {name: np.zeros((2, LEVELS + 1), np.int64) for name in totals}
     for image_id in ids:
         rgb, masks = data.load_full(image_id, root)
         maps = detector.predict(rgb)
@@ -153,8 +155,7 @@ def evaluate_fold(detector: LesionDetector, fold: int, root: Path, totals: dict)
             truth = masks[channel]
             positives = np.bincount(scores[truth], minlength=LEVELS + 1)
             negatives = np.bincount(scores[~truth], minlength=LEVELS + 1)
-            totals[name]["pos"] += positives
-            totals[name]["neg"] += negatives
+            fold_counts[name] += (positives, negatives)
             if positives.any():  # which images a pooled AUPR comes from
                 totals[name]["per_image"][image_id] = round(aupr(positives, negatives), 4)
             refs = components(truth.astype(np.float32), lesion_type, 0.5, gap_full)
@@ -166,6 +167,11 @@ def evaluate_fold(detector: LesionDetector, fold: int, root: Path, totals: dict)
             ]
             totals[name]["references"] += len(refs)
         print(f"fold {fold} {image_id} done", flush=True)
+    for name, (positives, negatives) in fold_counts.items():
+        totals[name]["pos"] += positives
+        totals[name]["neg"] += negatives
+        if positives.any():
+            totals[name]["per_fold"][str(fold)] = round(aupr(positives, negatives), 4)
     return ids
 
 
@@ -238,12 +244,7 @@ def cross_validation(specs: list[str], root: Path, threads: int, flips: int) -> 
     for spec in specs:
         fold, weights = spec.split("=", 1)
         detector = LesionDetector.load(Path(weights), threads=threads, test_time_flips=flips)
-        before = {name: (t["pos"].copy(), t["neg"].copy()) for name, t in totals.items()}
         folds[fold] = evaluate_fold(detector, int(fold), root, totals)
-        for name, total in totals.items():
-            positives, negatives = total["pos"] - before[name][0], total["neg"] - before[name][1]
-            if positives.any():
-                total["per_fold"][fold] = round(aupr(positives, negatives), 4)
     images = sum(len(ids) for ids in folds.values())
     per_type = {}
     for name, total in totals.items():
