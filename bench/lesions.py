@@ -29,7 +29,9 @@
   lesions found per image and type (median, max) and the DR grades given. IDRiD is one camera,
   and these counts show how the model carries over to others.
 - --test-time-flips N: every model averages its maps over N flips of the image (1, 2 or 4;
-  the detector's FLIP_DIMS); --update-manifest makes the served model do the same.
+  the detector's FLIP_DIMS); --test-time-scales 1,0.75: over passes on the working grid and on
+  grids that much coarser (the detector's test_time_scales). --update-manifest makes the
+  served model do the same.
 - Speed: the service's whole `detect` (FOV, working grid, tiled network, instances,
   positions, assessment) on IDRiD_01 (4288 x 2848), median of --repeats runs after a warm-up.
 """
@@ -192,6 +194,8 @@ def timing(detector: LesionDetector, root: Path, repeats: int) -> dict:
         "median_s": round(statistics.median(runs), 3),
         "threads": torch.get_num_threads(),
         "bf16": detector.bf16,
+        "test_time_flips": detector.test_time_flips,
+        "test_time_scales": list(detector.test_time_scales),
         "target_s": 5.0,
     }
 
@@ -227,7 +231,9 @@ def other_cameras(detector: LesionDetector, root: Path) -> dict:
     return out
 
 
-def cross_validation(specs: list[str], root: Path, threads: int, flips: int) -> dict:
+def cross_validation(
+    specs: list[str], root: Path, threads: int, flips: int, scales: tuple[float, ...]
+) -> dict:
     """Per-type metrics over the held-out images of the folds given as K=weights."""
     totals = {
         SHORT_NAMES[t]: {
@@ -243,7 +249,9 @@ def cross_validation(specs: list[str], root: Path, threads: int, flips: int) -> 
     folds: dict[str, list[str]] = {}
     for spec in specs:
         fold, weights = spec.split("=", 1)
-        detector = LesionDetector.load(Path(weights), threads=threads, test_time_flips=flips)
+        detector = LesionDetector.load(
+            Path(weights), threads=threads, test_time_flips=flips, test_time_scales=scales
+        )
         folds[fold] = evaluate_fold(detector, int(fold), root, totals)
     images = sum(len(ids) for ids in folds.values())
     per_type = {}
@@ -269,6 +277,7 @@ def cross_validation(specs: list[str], root: Path, threads: int, flips: int) -> 
             "resolution": "full size (4288 x 2848), all pixels, pooled over held-out images",
         },
         "test_time_flips": flips,
+        "test_time_scales": list(scales),
         "targets_aupr": TARGET_AUPR,
         "reporting_floor_aupr": REPORTING_FLOOR,
         "anchors_aupr_idrid_top": {"ma": 0.50, "he": 0.65, "ex": 0.89, "se": 0.70},
@@ -292,20 +301,26 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="0: one per core")
     parser.add_argument("--test-time-flips", type=int, default=1, choices=[1, 2, 4])
+    parser.add_argument(
+        "--test-time-scales",
+        type=lambda text: tuple(float(f) for f in text.split(",")),
+        default=(1.0,),
+        help="refinements of the working grid whose maps are averaged, 1 first: e.g. 1,0.75",
+    )
     parser.add_argument("--update-manifest", action="store_true")
     args = parser.parse_args()
     threads = args.threads or len(os.sched_getaffinity(0))
     if args.fold:
-        report = cross_validation(args.fold, args.data_root, threads, args.test_time_flips)
+        report = cross_validation(
+            args.fold, args.data_root, threads, args.test_time_flips, args.test_time_scales
+        )
     else:
         report = json.loads(RESULTS.read_text())
     if args.update_manifest:  # before timing: the served thresholds shape the instances
         update_manifest(args.served, report)
     report["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     report["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    served = LesionDetector.load(  # after the manifest's update
-        args.served, threads=threads, test_time_flips=report.get("test_time_flips", 1)
-    )
+    served = LesionDetector.load(args.served, threads=threads)  # after the manifest's update
     report["speed"] = timing(served, args.data_root, args.repeats)
     report["other_cameras"] = other_cameras(served, args.data_root)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -330,6 +345,7 @@ def update_manifest(weights: Path, report: dict) -> None:
         if (values["aupr_mean_over_folds"] or 0.0) >= REPORTING_FLOOR[name]
     ]
     manifest["test_time_flips"] = report.get("test_time_flips", 1)
+    manifest["test_time_scales"] = report.get("test_time_scales", [1.0])
     manifest["reported_types_rule"] = (
         "held-out AUPR, mean over the folds, >= half of the target AUPR " + str(REPORTING_FLOOR)
     )

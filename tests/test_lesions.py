@@ -29,6 +29,7 @@ from shared.assessment import CDR_HIGH, CDR_SUSPECT, assess
 from shared.convert import to_proto
 from shared.findings import LesionType, Quadrant
 from shared.healthcheck import grpc_serving
+from shared.imaging.fov import FovEstimate
 from shared.lesion_positions import box_to_norm, box_to_px, position_lesions
 from shared.synthetic import LesionSpec, SyntheticFundusSpec, generate_fundus
 from tests.conftest import ServiceProcess, free_port, reported_lesion_types, wait_until
@@ -416,6 +417,37 @@ def test_test_time_flips_make_the_maps_mirror_with_the_image(
         mirrored = detector.probabilities(inputs.flip(mirror)).flip([d - 1 for d in mirror])
         # Averaging over a flip makes the maps follow that flip of the image, and only then.
         assert torch.allclose(mirrored, maps, atol=1e-5) is (mirror[0] in dims)
+
+
+def test_a_rescaled_grid_keeps_the_crop_and_the_fov_and_is_coarser() -> None:
+    grid = WorkGrid.around(
+        FovEstimate(2100.0, 1420.0, 1400.0, (700, 20, 3500, 2820), 0.8), 4288, 2848
+    )
+    coarse = grid.rescaled(0.75)
+    assert (coarse.x0, coarse.y0, coarse.x1, coarse.y1) == (grid.x0, grid.y0, grid.x1, grid.y1)
+    assert coarse.shape == (round(grid.shape[0] * 0.75), round(grid.shape[1] * 0.75))
+    assert coarse.to_input(coarse.fov_x, coarse.fov_y) == pytest.approx((2100.0, 1420.0))
+    assert coarse.fov_mask().sum() / grid.fov_mask().sum() == pytest.approx(0.75**2, rel=1e-2)
+
+
+def test_test_time_scales_average_a_coarser_pass_resized_onto_the_working_grid(
+    tmp_path: Path,
+) -> None:
+    weights = tmp_path / "lesion.safetensors"
+    _tiny_model(weights)
+    rgb = _fundus_with_lesions(findings.Laterality.RIGHT).rgb
+    plain = LesionDetector.load(weights, threads=1, precision="fp32")
+    both = LesionDetector.load(weights, threads=1, precision="fp32", test_time_scales=(1.0, 0.5))
+    one, two = plain.predict(rgb), both.predict(rgb)
+    assert two.grid == one.grid
+    coarse = plain.on_grid(rgb, one.grid.rescaled(0.5), one.grid.shape).numpy()
+    assert coarse.shape == one.probabilities.shape
+    expected = (one.probabilities + coarse * one.grid.fov_mask()) / 2
+    np.testing.assert_allclose(two.probabilities, expected, atol=1e-5)
+    assert not np.allclose(two.probabilities, one.probabilities, atol=1e-3)
+    for wrong in ((0.75,), (1.0, 0.1)):  # the working grid first; a sane refinement
+        with pytest.raises(ValueError, match="test_time_scales"):
+            LesionDetector.load(weights, test_time_scales=wrong)
 
 
 def test_the_committed_manifest_matches_its_weights() -> None:

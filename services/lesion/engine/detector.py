@@ -4,7 +4,10 @@ The image goes onto the working grid (`preprocess.py`), then through a 4-output 
 (the analysis service's compact U-Net, built here with four sigmoid outputs) in overlapping
 tiles: each tile's border, where the convolutions saw padding, is discarded. With
 `test_time_flips` 2 or 4 (the manifest's choice, measured by bench/lesions.py) the pass is
-repeated on the mirrored image (and upside down) and the probabilities averaged. On CPUs with
+repeated on the mirrored image (and upside down) and the probabilities averaged. With
+`test_time_scales` (also the manifest's) it is repeated on coarser grids, e.g. 0.75 times as
+fine, where each tile sees more of the photograph (large haemorrhages and cotton-wool spots
+whole), and the maps, resized back onto the working grid, are averaged. On CPUs with
 native bf16 (AVX512-BF16 / AMX) the pass runs under bf16 autocast with channels-last memory,
 as the vessel network does.
 """
@@ -74,13 +77,26 @@ class LesionDetector(NetRunner):
     TASK = TASK
     DEFAULT_WEIGHTS = DEFAULT_WEIGHTS
 
-    def __init__(self, *args: Any, test_time_flips: int | None = None, **kwargs: Any) -> None:
-        """`test_time_flips`: how many of FLIP_DIMS each pass averages (None: the manifest's
-        choice, 1 when it has none)."""
+    def __init__(
+        self,
+        *args: Any,
+        test_time_flips: int | None = None,
+        test_time_scales: tuple[float, ...] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """`test_time_flips`: how many of FLIP_DIMS each pass averages; `test_time_scales`:
+        the working grid's refinements whose maps are averaged, 1.0 first (None: the
+        manifest's choices, 1 flip and (1.0,) when it has none)."""
         super().__init__(*args, **kwargs)
         self.test_time_flips = test_time_flips or int(self.manifest.get("test_time_flips", 1))
         if self.test_time_flips not in (1, 2, 4):
             raise ValueError(f"test_time_flips must be 1, 2 or 4, not {self.test_time_flips}")
+        scales = test_time_scales or self.manifest.get("test_time_scales", (1.0,))
+        self.test_time_scales = tuple(float(f) for f in scales)
+        if self.test_time_scales[0] != 1.0 or not all(0.25 <= f <= 2 for f in scales):
+            raise ValueError(
+                f"test_time_scales must start at 1.0, each in 0.25..2, not {self.test_time_scales}"
+            )
 
     def reported_types(self) -> tuple[LesionType, ...]:
         """The types this model reports: those its manifest lists as accurate enough on
@@ -122,7 +138,19 @@ class LesionDetector(NetRunner):
         """uint8 H x W x 3 RGB photograph (its FOV, if already known) -> lesion maps."""
         fov = fov or detect_field_of_view(image)
         grid = WorkGrid.around(fov, image.shape[1], image.shape[0])
+        scales = self.test_time_scales
+        total = sum(self.on_grid(image, grid.rescaled(f), grid.shape) for f in scales)
+        probs = total.numpy() / len(scales) * grid.fov_mask()
+        return LesionMaps(probabilities=probs.astype(np.float32), grid=grid)
+
+    def on_grid(self, image: np.ndarray, grid: WorkGrid, shape: tuple[int, int]) -> torch.Tensor:
+        """4 x `shape` probabilities of the photograph sampled on `grid` (whose crop the
+        working grid of `shape` shares), resized to `shape` when the grids differ."""
         inside = grid.fov_mask()
         inputs = torch.from_numpy(standardise(resample(image, grid), inside, grid.fov_radius))[None]
-        probs = self.probabilities(inputs).numpy() * inside
-        return LesionMaps(probabilities=probs.astype(np.float32), grid=grid)
+        probs = self.probabilities(inputs)
+        if probs.shape[1:] == shape:
+            return probs
+        return torch.nn.functional.interpolate(
+            probs[None], size=shape, mode="bilinear", align_corners=False
+        )[0]

@@ -15,7 +15,7 @@ network then runs on that grid in tiles. Its input has six channels:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
@@ -68,6 +68,17 @@ class WorkGrid:
             fov_x=(fov.center_x - x0) * scale,
             fov_y=(fov.center_y - y0) * scale,
             fov_radius=fov.radius * scale,
+        )
+
+    def rescaled(self, factor: float) -> WorkGrid:
+        """The same crop on a grid `factor` times as fine (a coarser grid gives each network
+        tile more of the photograph's context)."""
+        return replace(
+            self,
+            scale=self.scale * factor,
+            fov_x=self.fov_x * factor,
+            fov_y=self.fov_y * factor,
+            fov_radius=self.fov_radius * factor,
         )
 
     def fov_mask(self) -> np.ndarray:
