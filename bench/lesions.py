@@ -30,8 +30,9 @@
   and these counts show how the model carries over to others.
 - --test-time-flips N: every model averages its maps over N flips of the image (1, 2 or 4;
   the detector's FLIP_DIMS); --test-time-scales 1,0.75: over passes on the working grid and on
-  grids that much coarser (the detector's test_time_scales). --update-manifest makes the
-  served model do the same.
+  grids that much coarser (the detector's test_time_scales), for every type, or for one type
+  with e.g. --test-time-scales he=1,0.75,0.5 (repeatable; a bare list sets the other types').
+  --update-manifest makes the served model do the same.
 - Speed: the service's whole `detect` (FOV, working grid, tiled network, instances,
   positions, assessment) on IDRiD_01 (4288 x 2848), median of --repeats runs after a warm-up.
 """
@@ -53,7 +54,13 @@ from PIL import Image
 from sklearn.metrics import average_precision_score
 
 from services.lesion.engine.detection import detect
-from services.lesion.engine.detector import DEFAULT_WEIGHTS, SHORT_NAMES, TYPES, LesionDetector
+from services.lesion.engine.detector import (
+    DEFAULT_WEIGHTS,
+    NAMES,
+    SHORT_NAMES,
+    TYPES,
+    LesionDetector,
+)
 from services.lesion.engine.instances import MERGE_GAP_FRACTION, Instance, components, extract
 from services.lesion.engine.preprocess import WorkGrid
 from shared import findings
@@ -195,7 +202,7 @@ def timing(detector: LesionDetector, root: Path, repeats: int) -> dict:
         "threads": torch.get_num_threads(),
         "bf16": detector.bf16,
         "test_time_flips": detector.test_time_flips,
-        "test_time_scales": list(detector.test_time_scales),
+        "test_time_scales": detector.test_time_scales,
         "target_s": 5.0,
     }
 
@@ -232,7 +239,7 @@ def other_cameras(detector: LesionDetector, root: Path) -> dict:
 
 
 def cross_validation(
-    specs: list[str], root: Path, threads: int, flips: int, scales: tuple[float, ...]
+    specs: list[str], root: Path, threads: int, flips: int, scales: dict[str, tuple[float, ...]]
 ) -> dict:
     """Per-type metrics over the held-out images of the folds given as K=weights."""
     totals = {
@@ -277,7 +284,7 @@ def cross_validation(
             "resolution": "full size (4288 x 2848), all pixels, pooled over held-out images",
         },
         "test_time_flips": flips,
-        "test_time_scales": list(scales),
+        "test_time_scales": scales,
         "targets_aupr": TARGET_AUPR,
         "reporting_floor_aupr": REPORTING_FLOOR,
         "anchors_aupr_idrid_top": {"ma": 0.50, "he": 0.65, "ex": 0.89, "se": 0.70},
@@ -285,6 +292,21 @@ def cross_validation(
         f"probability >= {CANDIDATE_THRESHOLD}",
         "per_type": per_type,
     }
+
+
+def scales_option(text: str) -> tuple[str | None, tuple[float, ...]]:
+    """'1,0.75' -> (None, (1.0, 0.75)); 'he=1,0.75,0.5' -> ('he', (1.0, 0.75, 0.5))."""
+    name, _, values = text.rpartition("=")
+    if name and name not in NAMES:
+        raise argparse.ArgumentTypeError(f"{name!r} is not one of {', '.join(NAMES)}")
+    return name or None, tuple(float(f) for f in values.split(","))
+
+
+def scales(options: list[tuple[str | None, tuple[float, ...]]]) -> dict[str, tuple[float, ...]]:
+    """Per type: its own --test-time-scales, else the last bare list, else one pass."""
+    default = next((values for name, values in reversed(options) if name is None), (1.0,))
+    named = {name: values for name, values in options if name is not None}
+    return {name: named.get(name, default) for name in NAMES}
 
 
 def main() -> None:
@@ -303,16 +325,18 @@ def main() -> None:
     parser.add_argument("--test-time-flips", type=int, default=1, choices=[1, 2, 4])
     parser.add_argument(
         "--test-time-scales",
-        type=lambda text: tuple(float(f) for f in text.split(",")),
-        default=(1.0,),
-        help="refinements of the working grid whose maps are averaged, 1 first: e.g. 1,0.75",
+        type=scales_option,
+        action="append",
+        default=[],
+        help="refinements of the working grid whose maps are averaged, 1 first: 1,0.75 for "
+        "every type, he=1,0.75,0.5 for one (repeatable)",
     )
     parser.add_argument("--update-manifest", action="store_true")
     args = parser.parse_args()
     threads = args.threads or len(os.sched_getaffinity(0))
     if args.fold:
         report = cross_validation(
-            args.fold, args.data_root, threads, args.test_time_flips, args.test_time_scales
+            args.fold, args.data_root, threads, args.test_time_flips, scales(args.test_time_scales)
         )
     else:
         report = json.loads(RESULTS.read_text())
@@ -345,7 +369,7 @@ def update_manifest(weights: Path, report: dict) -> None:
         if (values["aupr_mean_over_folds"] or 0.0) >= REPORTING_FLOOR[name]
     ]
     manifest["test_time_flips"] = report.get("test_time_flips", 1)
-    manifest["test_time_scales"] = report.get("test_time_scales", [1.0])
+    manifest["test_time_scales"] = report.get("test_time_scales", dict.fromkeys(NAMES, (1.0,)))
     manifest["reported_types_rule"] = (
         "held-out AUPR, mean over the folds, >= half of the target AUPR " + str(REPORTING_FLOOR)
     )

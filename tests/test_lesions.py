@@ -3,6 +3,7 @@ Detect over a real gRPC process."""
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -15,7 +16,15 @@ import torch
 from PIL import Image
 from sklearn.metrics import average_precision_score
 
-from bench.lesions import LEVELS, REPORTING_FLOOR, aupr, best_f1_threshold, update_manifest
+from bench.lesions import (
+    LEVELS,
+    REPORTING_FLOOR,
+    aupr,
+    best_f1_threshold,
+    scales,
+    scales_option,
+    update_manifest,
+)
 from protos.retinal.v1 import common_pb2, findings_pb2, lesion_pb2, lesion_pb2_grpc
 from services.analysis.engine.model_files import ModelIntegrityError, save_with_manifest
 from services.analysis.engine.nets import VesselUNet
@@ -445,9 +454,48 @@ def test_test_time_scales_average_a_coarser_pass_resized_onto_the_working_grid(
     expected = (one.probabilities + coarse * one.grid.fov_mask()) / 2
     np.testing.assert_allclose(two.probabilities, expected, atol=1e-5)
     assert not np.allclose(two.probabilities, one.probabilities, atol=1e-3)
-    for wrong in ((0.75,), (1.0, 0.1)):  # the working grid first; a sane refinement
-        with pytest.raises(ValueError, match="test_time_scales"):
+    for wrong in ((0.75,), (1.0, 0.1), {"he": (0.5,)}, {"xx": (1.0,)}):
+        with pytest.raises(ValueError, match="test_time_scales"):  # 1.0 first, sane, known types
             LesionDetector.load(weights, test_time_scales=wrong)
+
+
+def test_test_time_scales_per_type_average_only_that_types_passes(tmp_path: Path) -> None:
+    weights = tmp_path / "lesion.safetensors"
+    _tiny_model(weights)
+    rgb = _fundus_with_lesions(findings.Laterality.LEFT).rgb
+    plain = LesionDetector.load(weights, threads=1, precision="fp32")
+    chosen = {"ma": (1.0, 1.5), "he": (1.0, 0.75, 0.5)}  # EX and SE left out: one pass
+    mixed = LesionDetector.load(weights, threads=1, precision="fp32", test_time_scales=chosen)
+    assert mixed.test_time_scales == {
+        "ma": (1.0, 1.5),
+        "he": (1.0, 0.75, 0.5),
+        "ex": (1.0,),
+        "se": (1.0,),
+    }
+    one, per_type = plain.predict(rgb), mixed.predict(rgb)
+    grid, inside = one.grid, one.grid.fov_mask()
+    passes = {
+        f: plain.on_grid(rgb, grid.rescaled(f), grid.shape).numpy() * inside
+        for f in (0.5, 0.75, 1.5)
+    }
+    expected = one.probabilities.copy()
+    expected[0] = (one.probabilities[0] + passes[1.5][0]) / 2
+    expected[1] = (one.probabilities[1] + passes[0.75][1] + passes[0.5][1]) / 3
+    np.testing.assert_allclose(per_type.probabilities, expected, atol=1e-5)
+    assert not np.allclose(per_type.probabilities[:2], one.probabilities[:2], atol=1e-3)
+
+
+def test_bench_scales_options_set_every_type_or_one() -> None:
+    options = [scales_option("1,0.75"), scales_option("ma=1,1.5"), scales_option("he=1,0.75,0.5")]
+    assert scales(options) == {
+        "ma": (1.0, 1.5),
+        "he": (1.0, 0.75, 0.5),
+        "ex": (1.0, 0.75),
+        "se": (1.0, 0.75),
+    }
+    assert scales([]) == dict.fromkeys(("ma", "he", "ex", "se"), (1.0,))
+    with pytest.raises(argparse.ArgumentTypeError, match="not one of"):
+        scales_option("xx=1,0.5")
 
 
 def test_the_committed_manifest_matches_its_weights() -> None:

@@ -5,9 +5,11 @@ The image goes onto the working grid (`preprocess.py`), then through a 4-output 
 tiles: each tile's border, where the convolutions saw padding, is discarded. With
 `test_time_flips` 2 or 4 (the manifest's choice, measured by bench/lesions.py) the pass is
 repeated on the mirrored image (and upside down) and the probabilities averaged. With
-`test_time_scales` (also the manifest's) it is repeated on coarser grids, e.g. 0.75 times as
-fine, where each tile sees more of the photograph (large haemorrhages and cotton-wool spots
-whole), and the maps, resized back onto the working grid, are averaged. On CPUs with
+`test_time_scales` (also the manifest's, per type) it is repeated on coarser grids, e.g. 0.75
+times as fine, where each tile sees more of the photograph (large haemorrhages and cotton-wool
+spots whole), and each type averages the maps of its scales, resized back onto the working
+grid; microaneurysms, 2-6 px wide on a coarser grid, may keep the working grid alone. Each
+grid is computed once, whichever types use it. On CPUs with
 native bf16 (AVX512-BF16 / AMX) the pass runs under bf16 autocast with channels-last memory,
 as the vessel network does.
 """
@@ -15,7 +17,7 @@ as the vessel network does.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ TYPES = (
     LesionType.SOFT_EXUDATE,
 )
 SHORT_NAMES = LESION_SHORT_NAMES
+NAMES = tuple(SHORT_NAMES[t] for t in TYPES)  # short names in output order
 TILE = 1024  # most working px per tile side, margin included (bounds the memory of a pass)
 MARGIN = 32  # px of each tile border discarded (the U-Net's padding effects)
 FLIP_DIMS = ((), (3,), (2,), (2, 3))  # identity, mirrored, upside down, both: the first N run
@@ -50,6 +53,27 @@ class LesionMaps:
 
     probabilities: np.ndarray  # float32 4 x h x w in TYPES order, 0 outside the FOV
     grid: WorkGrid
+
+
+TestTimeScales = Sequence[float] | Mapping[str, Sequence[float]]
+
+
+def scales_per_type(chosen: TestTimeScales) -> dict[str, tuple[float, ...]]:
+    """Test-time scales for every type, or per type by short name -> each short name's scales
+    (1.0 first, each in 0.25..2; (1.0,) for a type a mapping leaves out)."""
+    if isinstance(chosen, Mapping):
+        unknown = set(chosen) - set(NAMES)
+        if unknown:
+            raise ValueError(f"test_time_scales names unknown lesion types {sorted(unknown)}")
+        out = {name: tuple(float(f) for f in chosen.get(name, (1.0,))) for name in NAMES}
+    else:
+        out = dict.fromkeys(NAMES, tuple(float(f) for f in chosen))
+    for name, scales in out.items():
+        if not scales or scales[0] != 1.0 or not all(0.25 <= f <= 2 for f in scales):
+            raise ValueError(
+                f"test_time_scales must start at 1.0, each in 0.25..2, not {scales} ({name})"
+            )
+    return out
 
 
 def tiles(length: int, tile: int, margin: int) -> Iterator[tuple[int, int, int, int]]:
@@ -81,22 +105,20 @@ class LesionDetector(NetRunner):
         self,
         *args: Any,
         test_time_flips: int | None = None,
-        test_time_scales: tuple[float, ...] | None = None,
+        test_time_scales: TestTimeScales | None = None,
         **kwargs: Any,
     ) -> None:
         """`test_time_flips`: how many of FLIP_DIMS each pass averages; `test_time_scales`:
-        the working grid's refinements whose maps are averaged, 1.0 first (None: the
-        manifest's choices, 1 flip and (1.0,) when it has none)."""
+        the working grid's refinements whose maps are averaged, 1.0 first, for every type or
+        per type (short names; a type left out keeps (1.0,)). None: the manifest's choices, 1
+        flip and (1.0,) when it has none."""
         super().__init__(*args, **kwargs)
         self.test_time_flips = test_time_flips or int(self.manifest.get("test_time_flips", 1))
         if self.test_time_flips not in (1, 2, 4):
             raise ValueError(f"test_time_flips must be 1, 2 or 4, not {self.test_time_flips}")
-        scales = test_time_scales or self.manifest.get("test_time_scales", (1.0,))
-        self.test_time_scales = tuple(float(f) for f in scales)
-        if self.test_time_scales[0] != 1.0 or not all(0.25 <= f <= 2 for f in scales):
-            raise ValueError(
-                f"test_time_scales must start at 1.0, each in 0.25..2, not {self.test_time_scales}"
-            )
+        self.test_time_scales = scales_per_type(
+            test_time_scales or self.manifest.get("test_time_scales", (1.0,))
+        )
 
     def reported_types(self) -> tuple[LesionType, ...]:
         """The types this model reports: those its manifest lists as accurate enough on
@@ -138,9 +160,13 @@ class LesionDetector(NetRunner):
         """uint8 H x W x 3 RGB photograph (its FOV, if already known) -> lesion maps."""
         fov = fov or detect_field_of_view(image)
         grid = WorkGrid.around(fov, image.shape[1], image.shape[0])
-        scales = self.test_time_scales
-        total = sum(self.on_grid(image, grid.rescaled(f), grid.shape) for f in scales)
-        probs = total.numpy() / len(scales) * grid.fov_mask()
+        wanted = {factor for scales in self.test_time_scales.values() for factor in scales}
+        maps = {f: self.on_grid(image, grid.rescaled(f), grid.shape) for f in sorted(wanted)}
+        per_type = (self.test_time_scales[name] for name in NAMES)
+        probs = torch.stack(
+            [sum(maps[f][c] for f in scales) / len(scales) for c, scales in enumerate(per_type)]
+        )
+        probs = probs.numpy() * grid.fov_mask()
         return LesionMaps(probabilities=probs.astype(np.float32), grid=grid)
 
     def on_grid(self, image: np.ndarray, grid: WorkGrid, shape: tuple[int, int]) -> torch.Tensor:
