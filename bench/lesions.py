@@ -1,4 +1,4 @@
-"""Benchmark of the lesion network; writes bench/results/lesions.json.
+"""Benchmark of the lesion network; writes bench/results/lesions.json (or --results FILE).
 
     .venv/bin/python -m bench.lesions --fold 0=var/lesions/fold0/lesion-unet.safetensors \
         [--fold 1=...] [--served services/lesion/weights/lesion-unet.safetensors] \
@@ -332,6 +332,9 @@ def main() -> None:
         "every type, he=1,0.75,0.5 for one (repeatable)",
     )
     parser.add_argument("--update-manifest", action="store_true")
+    parser.add_argument(
+        "--results", type=Path, default=RESULTS, help="results file (also read without --fold)"
+    )
     args = parser.parse_args()
     threads = args.threads or len(os.sched_getaffinity(0))
     if args.fold:
@@ -339,7 +342,7 @@ def main() -> None:
             args.fold, args.data_root, threads, args.test_time_flips, scales(args.test_time_scales)
         )
     else:
-        report = json.loads(RESULTS.read_text())
+        report = json.loads(args.results.read_text())
     if args.update_manifest:  # before timing: the served thresholds shape the instances
         update_manifest(args.served, report)
     report["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
@@ -347,8 +350,8 @@ def main() -> None:
     served = LesionDetector.load(args.served, threads=threads)  # after the manifest's update
     report["speed"] = timing(served, args.data_root, args.repeats)
     report["other_cameras"] = other_cameras(served, args.data_root)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "machine"}, indent=2))
 
 

@@ -134,3 +134,33 @@ def test_fine_tuning_carries_the_earlier_runs_and_refuses_another_folds_model(
 
     with pytest.raises(SystemExit, match="fold all"):
         train.start_from(train.Config(**{**tuned.__dict__, "fold": "0"}), train.new_state(tuned))
+
+
+@pytest.mark.parametrize("zoom", [0.5, 1.0, 1.5])
+def test_zoomed_tiles_show_a_lesion_at_zoom_times_its_size(zoom: float) -> None:
+    size, radius = 256, 10
+    yy, xx = np.mgrid[:size, :size]
+    fov = np.ones((size, size), dtype=bool)
+    lesion = (yy - 128) ** 2 + (xx - 128) ** 2 <= radius**2
+    targets = np.zeros((4, size, size), dtype=np.uint8)
+    targets[1] = lesion * 255
+    inputs = np.repeat(np.where(lesion, -2.0, 0.0)[None], INPUT_CHANNELS, 0).astype(np.float16)
+    image = data.GridImage("one haemorrhage", inputs, targets, fov, True)
+    rng = np.random.default_rng(2)
+    config = train.Config(tile=96, lesion_fraction=1.0, zoom=(zoom, zoom))
+    tile_inputs, tile_targets = train.sample_tile(image, train.seeds_of(image, rng), config, rng)
+    assert tile_inputs.shape == (INPUT_CHANNELS, 96, 96) and tile_targets.shape == (4, 96, 96)
+    assert tile_targets.min() >= 0.0 and tile_targets.max() <= 1.0
+    # The lesion's area (a target is an area fraction) scales with zoom squared.
+    assert tile_targets[1].sum() == pytest.approx(lesion.sum() * zoom**2, rel=0.05)
+    assert tile_targets[[0, 2, 3]].sum() == 0
+    # Its contrast survives the resampling, wherever the tile put it.
+    assert tile_inputs[0][tile_targets[1] > 0.99].mean() == pytest.approx(-2.0, abs=0.5)
+
+
+def test_zoom_range_is_checked() -> None:
+    assert train.parse_args([]).zoom == (1.0, 1.0)
+    assert train.parse_args(["--zoom", "0.5,1.5"]).zoom == (0.5, 1.5)
+    for wrong in ("1.5,0.5", "0.1,1", "1"):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--zoom", wrong])

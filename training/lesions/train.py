@@ -9,7 +9,9 @@ are drawn with a bias towards lesions: with probability --lesion-fraction a tile
 random labelled pixel of a type chosen uniformly among those the image has (MA and SE are rare
 and would otherwise hardly be seen). --lowres-fraction of the tiles come from IDRiD-seg-512
 (images 21-54, no MA labels), and --negative-fraction from photographs of other cameras trained
-as lesion-free (data.negative_ids). Loss per type: BCE + soft Dice over the batch (Dice keeps the
+as lesion-free (data.negative_ids). --zoom MIN,MAX resizes each tile by a random factor in that
+range (log-uniform), so the network also sees lesions at the sizes the detector's coarser and
+finer test-time scales show them. Loss per type: BCE + soft Dice over the batch (Dice keeps the
 rare, tiny MA from being drowned by background; --dice-when-absent, compute_loss).
 AdamW with warm-up and cosine decay; the decay follows the larger of step/--steps and
 elapsed/--time-limit-min, so a run cut by its time limit still ends at a low learning rate.
@@ -57,6 +59,9 @@ class Config:
     warmup: int = 50
     widths: tuple[int, ...] = (12, 24, 48, 96, 192)
     lesion_fraction: float = 0.6
+    # Log-uniform zoom range of the tiles: at zoom z a tile shows tile / z working px resized to
+    # `tile`, as the detector's test_time_scales show the photograph coarser or finer.
+    zoom: tuple[float, float] = (1.0, 1.0)
     lowres_fraction: float = 0.2
     negative_fraction: float = 0.15
     # Types whose Dice term also counts in batches without them (compute_loss says why)
@@ -106,6 +111,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--widths", default=",".join(map(str, defaults.widths)))
     parser.add_argument("--lesion-fraction", type=float, default=defaults.lesion_fraction)
+    parser.add_argument(
+        "--zoom",
+        type=zoom_range,
+        default=",".join(map(str, defaults.zoom)),
+        help="MIN,MAX tile zoom, drawn log-uniformly (0.5,1.5: lesions half to 1.5 times their "
+        "working-grid size, with correspondingly more or less context)",
+    )
     parser.add_argument("--lowres-fraction", type=float, default=defaults.lowres_fraction)
     parser.add_argument("--negative-fraction", type=float, default=defaults.negative_fraction)
     parser.add_argument(
@@ -133,6 +145,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
         parser.error(f"--dice-when-absent: unknown types {sorted(unknown)}")
     widths = tuple(int(w) for w in args.widths.split(","))
     return Config(**{**vars(args), "widths": widths, "dice_when_absent": absent})
+
+
+def zoom_range(text: str) -> tuple[float, float]:
+    low, high = (float(f) for f in text.split(","))
+    if not 0.25 <= low <= high <= 4:
+        raise argparse.ArgumentTypeError(f"zoom range {text!r}: need 0.25 <= MIN <= MAX <= 4")
+    return low, high
 
 
 def training_ids(config: Config) -> dict[str, list[str]]:
@@ -170,6 +189,15 @@ def crop(array: np.ndarray, cy: int, cx: int, tile: int) -> np.ndarray:
     return out
 
 
+def resized(planes: np.ndarray, side: int) -> np.ndarray:
+    """C x S x S float32 -> C x side x side, bilinear (antialiased when shrinking, so a
+    target stays its area fraction)."""
+    out = F.interpolate(
+        torch.from_numpy(planes)[None], size=(side, side), mode="bilinear", antialias=True
+    )
+    return out[0].numpy()
+
+
 def sample_tile(
     image: data.GridImage, seeds: Seeds, config: Config, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -182,8 +210,12 @@ def sample_tile(
         cy, cx = cy + jitter[0], cx + jitter[1]
     else:
         cy, cx = seeds.fov[rng.integers(len(seeds.fov))]
-    inputs = crop(image.inputs, int(cy), int(cx), config.tile).astype(np.float32)
-    targets = crop(image.targets, int(cy), int(cx), config.tile).astype(np.float32) / 255.0
+    zoom = math.exp(rng.uniform(*np.log(config.zoom)))
+    window = max(8, round(config.tile / zoom))
+    inputs = crop(image.inputs, int(cy), int(cx), window).astype(np.float32)
+    targets = crop(image.targets, int(cy), int(cx), window).astype(np.float32) / 255.0
+    if window != config.tile:
+        inputs, targets = resized(inputs, config.tile), resized(targets, config.tile).clip(0, 1)
     # Flips and quarter turns: lesions have no orientation; both eyes and any camera rotation.
     turns = int(rng.integers(4))
     inputs, targets = np.rot90(inputs, turns, (1, 2)), np.rot90(targets, turns, (1, 2))
