@@ -5,13 +5,12 @@ The image goes onto the working grid (`preprocess.py`), then through a 4-output 
 tiles: each tile's border, where the convolutions saw padding, is discarded. With
 `test_time_flips` 2 or 4 (the manifest's choice, measured by bench/lesions.py) the pass is
 repeated on the mirrored image (and upside down) and the probabilities averaged. With
-`test_time_scales` (also the manifest's, per type) it is repeated on coarser grids, e.g. 0.75
-times as fine, where each tile sees more of the photograph (large haemorrhages and cotton-wool
-spots whole), and each type averages the maps of its scales, resized back onto the working
-grid; microaneurysms, 2-6 px wide on a coarser grid, may keep the working grid alone. Each
-grid is computed once, whichever types use it. On CPUs with
-native bf16 (AVX512-BF16 / AMX) the pass runs under bf16 autocast with channels-last memory,
-as the vessel network does.
+`test_time_scales` (also the manifest's, per type) it is repeated on other grids: coarser ones,
+e.g. 0.75 times as fine, where each tile sees more of the photograph (large haemorrhages and
+cotton-wool spots whole), or finer ones, where a microaneurysm is wider. Each type averages
+the maps of its own grids, resized back onto the working grid; each grid is computed once,
+whichever types use it. On CPUs with native bf16 (AVX512-BF16 / AMX) the pass runs under bf16
+autocast with channels-last memory, as the vessel network does.
 """
 
 from __future__ import annotations
