@@ -29,10 +29,17 @@ from protos.retinal.v1 import common_pb2, findings_pb2, lesion_pb2, lesion_pb2_g
 from services.analysis.engine.model_files import ModelIntegrityError, save_with_manifest
 from services.analysis.engine.nets import VesselUNet
 from services.lesion.engine.detection import detect, original_frame, to_findings
-from services.lesion.engine.detector import DEFAULT_WEIGHTS, TASK, LesionDetector, LesionMaps, tiles
+from services.lesion.engine.detector import (
+    DEFAULT_WEIGHTS,
+    TASK,
+    LesionDetector,
+    LesionMaps,
+    tiles,
+    within_upscale,
+)
 from services.lesion.engine.instances import Instance, components, extract
 from services.lesion.engine.overlays import LAYERS, mask_png, render
-from services.lesion.engine.preprocess import INPUT_CHANNELS, WorkGrid, standardise
+from services.lesion.engine.preprocess import INPUT_CHANNELS, MAX_UPSCALE, WorkGrid, standardise
 from shared import findings, pixels
 from shared.assessment import CDR_HIGH, CDR_SUSPECT, assess
 from shared.convert import to_proto
@@ -464,25 +471,30 @@ def test_test_time_scales_per_type_average_only_that_types_passes(tmp_path: Path
     _tiny_model(weights)
     rgb = _fundus_with_lesions(findings.Laterality.LEFT).rgb
     plain = LesionDetector.load(weights, threads=1, precision="fp32")
-    chosen = {"ma": (1.0, 1.5), "he": (1.0, 0.75, 0.5)}  # EX and SE left out: one pass
+    chosen = {"ma": (1.0, 0.5), "he": (1.0, 0.75, 0.5), "ex": (1.0, 1.5)}  # SE left out
     mixed = LesionDetector.load(weights, threads=1, precision="fp32", test_time_scales=chosen)
-    assert mixed.test_time_scales == {
-        "ma": (1.0, 1.5),
-        "he": (1.0, 0.75, 0.5),
-        "ex": (1.0,),
-        "se": (1.0,),
-    }
+    assert mixed.test_time_scales == {**chosen, "se": (1.0,)}
     one, per_type = plain.predict(rgb), mixed.predict(rgb)
     grid, inside = one.grid, one.grid.fov_mask()
+    # The 912-px photograph is already enlarged MAX_UPSCALE times: EX's finer grid is skipped.
+    assert grid.scale == MAX_UPSCALE
     passes = {
-        f: plain.on_grid(rgb, grid.rescaled(f), grid.shape).numpy() * inside
-        for f in (0.5, 0.75, 1.5)
+        f: plain.on_grid(rgb, grid.rescaled(f), grid.shape).numpy() * inside for f in (0.5, 0.75)
     }
     expected = one.probabilities.copy()
-    expected[0] = (one.probabilities[0] + passes[1.5][0]) / 2
+    expected[0] = (one.probabilities[0] + passes[0.5][0]) / 2
     expected[1] = (one.probabilities[1] + passes[0.75][1] + passes[0.5][1]) / 3
     np.testing.assert_allclose(per_type.probabilities, expected, atol=1e-5)
     assert not np.allclose(per_type.probabilities[:2], one.probabilities[:2], atol=1e-3)
+
+
+def test_finer_grids_are_kept_only_up_to_the_largest_enlargement() -> None:
+    fov = FovEstimate(2100.0, 1420.0, 1400.0, (700, 20, 3500, 2820), 0.8)
+    idrid = WorkGrid.around(fov, 4288, 2848)  # about half the photograph's resolution
+    assert within_upscale((1.0, 0.75, 1.5), idrid) == (1.0, 0.75, 1.5)
+    small = WorkGrid.around(FovEstimate(280.0, 290.0, 270.0, (10, 20, 550, 560), 0.8), 565, 584)
+    assert small.scale == MAX_UPSCALE  # a DRIVE-sized photograph, enlarged as far as allowed
+    assert within_upscale((1.0, 1.5, 0.5), small) == (1.0, 0.5)
 
 
 def test_bench_scales_options_set_every_type_or_one() -> None:

@@ -9,8 +9,10 @@ repeated on the mirrored image (and upside down) and the probabilities averaged.
 e.g. 0.75 times as fine, where each tile sees more of the photograph (large haemorrhages and
 cotton-wool spots whole), or finer ones, where a microaneurysm is wider. Each type averages
 the maps of its own grids, resized back onto the working grid; each grid is computed once,
-whichever types use it. On CPUs with native bf16 (AVX512-BF16 / AMX) the pass runs under bf16
-autocast with channels-last memory, as the vessel network does.
+whichever types use it, and a finer grid that would enlarge the photograph more than
+MAX_UPSCALE times is skipped (it adds no detail, only time). On CPUs with native bf16
+(AVX512-BF16 / AMX) the pass runs under bf16 autocast with channels-last memory, as the vessel
+network does.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import numpy as np
 import torch
 
 from services.analysis.engine.runtime import NetRunner
-from services.lesion.engine.preprocess import WorkGrid, resample, standardise
+from services.lesion.engine.preprocess import MAX_UPSCALE, WorkGrid, resample, standardise
 from shared.findings import LESION_SHORT_NAMES, LesionType
 from shared.imaging.fov import FovEstimate, detect_field_of_view
 
@@ -73,6 +75,11 @@ def scales_per_type(chosen: TestTimeScales) -> dict[str, tuple[float, ...]]:
                 f"test_time_scales must start at 1.0, each in 0.25..2, not {scales} ({name})"
             )
     return out
+
+
+def within_upscale(scales: tuple[float, ...], grid: WorkGrid) -> tuple[float, ...]:
+    """The scales whose grid enlarges the photograph at most MAX_UPSCALE times (1.0 always)."""
+    return tuple(f for f in scales if f <= 1.0 or grid.scale * f <= MAX_UPSCALE)
 
 
 def tiles(length: int, tile: int, margin: int) -> Iterator[tuple[int, int, int, int]]:
@@ -159,9 +166,9 @@ class LesionDetector(NetRunner):
         """uint8 H x W x 3 RGB photograph (its FOV, if already known) -> lesion maps."""
         fov = fov or detect_field_of_view(image)
         grid = WorkGrid.around(fov, image.shape[1], image.shape[0])
-        wanted = {factor for scales in self.test_time_scales.values() for factor in scales}
+        per_type = [within_upscale(self.test_time_scales[name], grid) for name in NAMES]
+        wanted = {factor for scales in per_type for factor in scales}
         maps = {f: self.on_grid(image, grid.rescaled(f), grid.shape) for f in sorted(wanted)}
-        per_type = (self.test_time_scales[name] for name in NAMES)
         probs = torch.stack(
             [sum(maps[f][c] for f in scales) / len(scales) for c, scales in enumerate(per_type)]
         )
