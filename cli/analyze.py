@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from services.analysis.engine.analyzer import AnalysisResult, Analyzer
 from services.lesion.engine.detection import Detection, detect, merged
-from services.lesion.engine.detector import SHORT_NAMES, TYPES, LesionDetector
+from services.lesion.engine.detector import NAMES, SHORT_NAMES, TYPES, LesionDetector
 from shared import findings, tables
 from shared.imaging import ImageRejected, ingest
 
@@ -29,7 +29,7 @@ CsvOutput = Annotated[
 ]
 
 MASK_LAYERS = ("vessel_prob", "vessel", "artery", "vein", "disc", "cup")
-LESION_MASK_LAYERS = tuple(SHORT_NAMES[t] for t in TYPES)  # ma, he, ex, se
+LESION_MASK_LAYERS = NAMES  # ma, he, ex, se
 
 
 def expand(paths: Iterable[Path]) -> Iterator[Path]:

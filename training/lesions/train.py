@@ -38,7 +38,7 @@ from torch.nn import functional as F
 from services.analysis.engine.model_files import load_verified, save_with_manifest
 from services.analysis.engine.nets import VesselUNet
 from services.analysis.engine.runtime import pick_device
-from services.lesion.engine.detector import DEFAULT_WEIGHTS, SHORT_NAMES, TASK, TYPES
+from services.lesion.engine.detector import DEFAULT_WEIGHTS, NAMES, SHORT_NAMES, TASK, TYPES
 from services.lesion.engine.preprocess import INPUT_CHANNELS, WORK_FOV_DIAMETER
 from training.lesions import data
 from training.recording import shown
@@ -141,7 +141,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--init", type=Path, help="exported .safetensors of this fold to fine-tune")
     args = parser.parse_args(argv)
     absent = tuple(name for name in args.dice_when_absent.split(",") if name)
-    if unknown := set(absent) - set(SHORT_NAMES.values()):
+    if unknown := set(absent) - set(NAMES):
         parser.error(f"--dice-when-absent: unknown types {sorted(unknown)}")
     widths = tuple(int(w) for w in args.widths.split(","))
     return Config(**{**vars(args), "widths": widths, "dice_when_absent": absent})
@@ -430,11 +430,11 @@ def export(config: Config, state: TrainState) -> dict:
             "in_channels": INPUT_CHANNELS,
             "widths": list(config.widths),
             "classes": len(TYPES),
-            "outputs": [SHORT_NAMES[t] for t in TYPES],
+            "outputs": list(NAMES),
             "activation": "sigmoid per output",
             "work_fov_diameter_px": WORK_FOV_DIAMETER,
         },
-        "thresholds": {SHORT_NAMES[t]: 0.5 for t in TYPES},
+        "thresholds": dict.fromkeys(NAMES, 0.5),
         "training_data": training_data,
         "recipe": recipe,
         "training": {  # totals over every run since the model was initialised
