@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from services.analysis.engine.model_files import ModelIntegrityError, sha256_of
+from services.analysis.engine.nets import VesselUNet, fold_batch_norm
 from services.analysis.engine.vessels import DEFAULT_WEIGHTS, VesselSegmenter
 from shared.synthetic import SyntheticFundusSpec, generate_fundus
 from training.segmentation import datasets
@@ -45,6 +46,27 @@ def test_manifest_checksum_matches_weights() -> None:
     assert manifest["sha256"] == sha256_of(DEFAULT_WEIGHTS)
     assert manifest["training"]["wall_time_s"] > 0
     assert DEFAULT_WEIGHTS.stat().st_size < 8 * 2**20
+
+
+def test_folding_batch_norm_keeps_the_outputs_and_removes_the_norms() -> None:
+    torch.manual_seed(0)
+    net = VesselUNet(in_channels=6, widths=(4, 8, 16), classes=4)
+    for norm in (m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        # Running statistics and affine terms far from the identity, as after training
+        norm.running_mean.uniform_(-1, 1)
+        norm.running_var.uniform_(0.2, 3)
+        norm.weight.data.uniform_(0.5, 2)
+        norm.bias.data.uniform_(-1, 1)
+    batch = torch.randn(2, 6, 32, 48)
+    with torch.inference_mode():
+        expected = net.eval()(batch)
+        folded = fold_batch_norm(net)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        torch.testing.assert_close(folded(batch), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_loaded_segmenter_runs_without_batch_norm(segmenter: VesselSegmenter) -> None:
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in segmenter.net.modules())
 
 
 def test_tampered_weights_are_refused(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 VESSEL, ARTERY, VEIN = 0, 1, 2  # output channels
 
@@ -68,3 +69,21 @@ class VesselUNet(nn.Module):
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = block(torch.cat([x, skip], dim=1))
         return self.head(x)
+
+
+def fold_batch_norm(net: nn.Module) -> nn.Module:
+    """Fold each BatchNorm2d that follows a Conv2d into that conv, in place, for inference.
+
+    In eval mode a batch norm is a fixed per-channel scale and shift, so the conv can carry it:
+    one op instead of two, the same outputs up to rounding (about a tenth of a lesion pass on
+    the CPU). The net must be in eval mode and is no longer trainable as before.
+    """
+    for module in list(net.modules()):
+        if not isinstance(module, nn.Sequential):
+            continue
+        for index in range(len(module) - 1):
+            conv, norm = module[index], module[index + 1]
+            if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+                module[index] = fuse_conv_bn_eval(conv, norm)
+                module[index + 1] = nn.Identity()
+    return net

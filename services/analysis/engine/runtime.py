@@ -15,7 +15,7 @@ from typing import ClassVar, Literal, Self
 import torch
 
 from services.analysis.engine.model_files import ModelFiles, load_verified
-from services.analysis.engine.nets import VesselUNet
+from services.analysis.engine.nets import VesselUNet, fold_batch_norm
 
 Precision = Literal["auto", "fp32", "bf16"]
 
@@ -70,7 +70,8 @@ class NetRunner:
         self.bf16 = precision == "bf16" or (
             precision == "auto" and (self.device.type == "cuda" or cpu_has_bf16())
         )
-        self.net = net.to(self.device).eval()
+        # Inference only from here: the batch norms go into the convs (fold_batch_norm).
+        self.net = fold_batch_norm(net.to(self.device).eval())
         if self.device.type == "cpu":
             self.net = self.net.to(memory_format=torch.channels_last)
 
