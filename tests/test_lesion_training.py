@@ -1,5 +1,6 @@
-"""The lesion training pipeline without the datasets: colour-mask decoding, tile sampling,
-the loss, and one optimiser step (the loop the real runs use)."""
+"""The lesion training pipeline: colour-mask decoding, IDRiD-seg-512's masks, tile sampling,
+the loss, and one optimiser step (the loop the real runs use). Only the 512-px masks' check
+against the full-size ones needs the datasets."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from bench import lesion_masks_512
 from services.lesion.engine.detector import SHORT_NAMES, TYPES
 from services.lesion.engine.preprocess import INPUT_CHANNELS, standardise
 from training.lesions import data, train
@@ -29,6 +32,36 @@ def test_idrid_colour_masks_decode_to_the_four_types_and_drop_the_disc() -> None
 def test_folds_hold_out_every_full_size_image_exactly_once() -> None:
     held_out = [image for fold in range(data.FOLDS) for image in data.fold_ids(fold)]
     assert sorted(held_out) == sorted(data.FULL_IDS)
+
+
+def test_lowres_masks_keep_dark_haemorrhages_and_the_photograph_s_shape(tmp_path: Path) -> None:
+    folder = tmp_path / "IDRiD-seg-512" / "images" / "jpg"
+    folder.mkdir(parents=True)
+    photo = np.zeros((512, 512, 3), dtype=np.uint8)
+    photo[43:469] = (200, 100, 40)  # letterboxed: black bars above and below
+    Image.fromarray(photo).save(folder / "IDRiD_30.jpg", quality=90)
+    yy, xx = np.mgrid[:512, :512]
+    disc = (yy - 256) ** 2 + (xx - 300) ** 2 <= 40**2
+    haemorrhage = np.zeros_like(photo)
+    haemorrhage[disc] = (120, 30, 20)  # grey level 56: the photograph's pixels, dark red
+    Image.fromarray(haemorrhage).save(folder / "IDRiD_30_HE.jpg", quality=90)
+    rgb, masks = data.load_lowres("IDRiD_30", tmp_path)
+    side = data.LOWRES_SIDE
+    assert rgb.shape == (side, side, 3) and masks.shape == (4, side, side)
+    scale = side / 512
+    assert masks[1][round(256 * scale), round(300 * scale)]
+    assert masks[1].sum() == pytest.approx(disc.sum() * scale**2, rel=0.1)
+    assert not masks[1][: round(200 * scale)].any()
+    assert not masks[[0, 2, 3]].any()  # no file: no lesion of that type
+
+
+@pytest.mark.skipif(
+    not (data.DEFAULT_ROOT / "IDRiD-seg-512").is_dir(), reason="../shared/datasets is absent"
+)
+def test_lowres_haemorrhage_masks_match_the_full_size_ones() -> None:
+    dice = lesion_masks_512.measure(data.DEFAULT_ROOT, ("IDRiD_17", "IDRiD_03"))["he"]
+    assert dice["brightest"][str(data.LOWRES_MASK_LEVEL)] > 0.85
+    assert dice["grey"]["127"] < 0.2  # the rule the loader used before
 
 
 def _grid_image(rng: np.random.Generator, ma_valid: bool = True) -> data.GridImage:
