@@ -97,10 +97,10 @@ def load_lowres(image_id: str, root: Path = DEFAULT_ROOT) -> tuple[np.ndarray, n
 
     Each 512-px square is the photograph cropped to its FOV's width (about 3,410 of 4,288 px,
     as IDRiD_03 and 17 show) and letterboxed with black bars, so a uniform resize to
-    LOWRES_SIDE restores its scale and shape. Its "masks" are the photograph's own pixels inside the
-    lesions and black elsewhere, so a lesion pixel is one whose brightest channel exceeds
-    LOWRES_MASK_LEVEL: a dark haemorrhage is dim in grey, and a grey threshold at 128 missed
-    most of them.
+    LOWRES_SIDE restores its scale and shape. Its "masks" are the photograph's own pixels
+    inside the lesions and black elsewhere, so a lesion pixel is one whose brightest channel
+    exceeds LOWRES_MASK_LEVEL: a dark haemorrhage is dim in grey, and a grey threshold at 128
+    missed most of them.
     """
     folder = root / "IDRiD-seg-512" / "images" / "jpg"
     size = (LOWRES_SIDE, LOWRES_SIDE)
