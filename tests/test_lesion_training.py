@@ -14,6 +14,7 @@ from PIL import Image
 from bench import lesion_masks_512
 from services.lesion.engine.detector import SHORT_NAMES, TYPES
 from services.lesion.engine.preprocess import INPUT_CHANNELS, standardise
+from tests.conftest import DATASETS
 from training.lesions import data, train
 
 
@@ -56,10 +57,10 @@ def test_lowres_masks_keep_dark_haemorrhages_and_the_photograph_s_shape(tmp_path
 
 
 @pytest.mark.skipif(
-    not (data.DEFAULT_ROOT / "IDRiD-seg-512").is_dir(), reason="../shared/datasets is absent"
+    not (DATASETS / "IDRiD-seg-512").is_dir(), reason="../shared/datasets is absent"
 )
 def test_lowres_haemorrhage_masks_match_the_full_size_ones() -> None:
-    dice = lesion_masks_512.measure(data.DEFAULT_ROOT, ("IDRiD_17", "IDRiD_03"))["he"]
+    dice = lesion_masks_512.measure(DATASETS, ("IDRiD_17", "IDRiD_03"))["he"]
     assert dice["brightest"][str(data.LOWRES_MASK_LEVEL)] > 0.85
     assert dice["grey"]["127"] < 0.2  # the rule the loader used before
 
