@@ -43,8 +43,10 @@ def reference_on_square(mask: np.ndarray, columns: tuple[int, int]) -> np.ndarra
 
 def mask_planes(path: Path) -> dict[str, np.ndarray]:
     """The two readings of one 512-px JPEG mask: its brightest channel and its grey level."""
-    rgb = Image.open(path).convert("RGB")
-    return {"brightest": np.asarray(rgb).max(axis=2), "grey": np.asarray(rgb.convert("L"))}
+    return {
+        "brightest": data.brightest_channel(path),
+        "grey": np.asarray(Image.open(path).convert("L")),
+    }
 
 
 def measure(

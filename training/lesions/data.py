@@ -92,6 +92,11 @@ def load_full(image_id: str, root: Path = DEFAULT_ROOT) -> tuple[np.ndarray, np.
     return rgb, decode_colour_mask(colours)
 
 
+def brightest_channel(path: Path) -> np.ndarray:
+    """uint8 H x W: each pixel's brightest colour channel in an IDRiD-seg-512 mask file."""
+    return np.asarray(Image.open(path).convert("RGB")).max(axis=2)
+
+
 def load_lowres(image_id: str, root: Path = DEFAULT_ROOT) -> tuple[np.ndarray, np.ndarray]:
     """An IDRiD-seg-512 image and its masks, at the full-size photographs' scale.
 
@@ -110,7 +115,7 @@ def load_lowres(image_id: str, root: Path = DEFAULT_ROOT) -> tuple[np.ndarray, n
     for suffix in LOWRES_SUFFIXES:
         path = folder / f"{image_id}_{suffix}.jpg"
         if path.is_file():
-            brightest = Image.fromarray(np.asarray(Image.open(path).convert("RGB")).max(axis=2))
+            brightest = Image.fromarray(brightest_channel(path))
             mask = brightest.resize(size, Image.Resampling.BILINEAR)
             planes.append(np.asarray(mask) > LOWRES_MASK_LEVEL)
         else:  # no lesion of that type in the image
