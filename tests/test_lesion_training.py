@@ -12,10 +12,12 @@ import torch
 from PIL import Image
 
 from bench import lesion_masks_512
+from services.analysis.engine import runtime
 from services.lesion.engine.detector import SHORT_NAMES, TYPES
 from services.lesion.engine.preprocess import INPUT_CHANNELS, standardise
 from tests.conftest import DATASETS
 from training.lesions import data, train
+from training.segmentation import train_vessels
 
 
 def test_idrid_colour_masks_decode_to_the_four_types_and_drop_the_disc() -> None:
@@ -198,3 +200,15 @@ def test_zoom_range_is_checked() -> None:
     for wrong in ("1.5,0.5", "0.1,1", "1"):
         with pytest.raises(SystemExit):
             train.parse_args(["--zoom", wrong])
+
+
+@pytest.mark.parametrize("trainer", [train, train_vessels], ids=["lesions", "vessels"])
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_autocast_defaults_to_where_it_is_native(
+    trainer, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Emulated bf16 (an AVX2-only CPU) made a lesion training step 8 times slower than fp32.
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: native)
+    assert trainer.parse_args(["--device", "cpu"]).bf16 is native
+    assert trainer.parse_args(["--device", "cpu", "--bf16"]).bf16 is True
+    assert trainer.parse_args(["--device", "cpu", "--no-bf16"]).bf16 is False

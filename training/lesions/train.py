@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 from services.analysis.engine.model_files import load_verified, save_with_manifest
 from services.analysis.engine.nets import VesselUNet
-from services.analysis.engine.runtime import pick_device
+from services.analysis.engine.runtime import bf16_is_native, pick_device
 from services.lesion.engine.detector import DEFAULT_WEIGHTS, NAMES, SHORT_NAMES, TASK, TYPES
 from services.lesion.engine.preprocess import INPUT_CHANNELS, WORK_FOV_DIAMETER
 from training.lesions import data
@@ -67,7 +67,7 @@ class Config:
     # Types whose Dice term also counts in batches without them (compute_loss says why)
     dice_when_absent: tuple[str, ...] = ("ma", "he", "ex")
     seed: int = 0
-    bf16: bool = True
+    bf16: bool | None = None  # None: where native (runtime.bf16_is_native)
     threads: int = 0  # 0: torch's default (one per core)
     time_limit_min: float = 0.0  # 0: no limit
     fold: str = "all"  # "0".."3" or "all"
@@ -80,6 +80,10 @@ class Config:
     resume: bool = False
     device: str = "auto"  # "auto": CUDA when present, else the CPU
     init: Path | None = None  # exported weights to fine-tune
+
+    def __post_init__(self) -> None:
+        if self.bf16 is None:
+            self.bf16 = bf16_is_native(pick_device(self.device))
 
 
 @dataclass
@@ -126,7 +130,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
         help="types (ma,he,ex,se) whose Dice term counts in batches without them; '' for none",
     )
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=defaults.bf16)
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        help="bf16 autocast (default: where native, runtime.bf16_is_native)",
+    )
     parser.add_argument("--threads", type=int, default=defaults.threads)
     parser.add_argument("--time-limit-min", type=float, default=defaults.time_limit_min)
     parser.add_argument("--fold", default=defaults.fold, choices=["all", "0", "1", "2", "3"])

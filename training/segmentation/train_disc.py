@@ -31,6 +31,7 @@ from services.analysis.engine import disc
 from services.analysis.engine.disc import DiscSegmenter, locator_net, segmenter_net, standardize
 from services.analysis.engine.model_files import save_with_manifest
 from services.analysis.engine.nets import VesselUNet
+from services.analysis.engine.runtime import bf16_is_native
 from shared.imaging.ingest import ingest
 from tests.conftest import DATASETS
 from training.segmentation import disc_data
@@ -49,7 +50,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        help="bf16 autocast (default: where native, runtime.bf16_is_native)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--checkpoint-every", type=int, default=100)
@@ -342,6 +347,8 @@ def cv_metrics(cv_dir: Path) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.bf16 is None:
+        args.bf16 = bf16_is_native(torch.device("cpu"))
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)

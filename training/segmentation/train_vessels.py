@@ -5,7 +5,7 @@
 Random augmented patches from the training split (datasets.py) feed `VesselUNet`; the loss is
 BCE + soft Dice on the vessel channel (DRIVE and STARE pixels inside the FOV) plus artery-vs-
 vein cross-entropy on labelled vessel pixels (RITE on DRIVE, LES-AV, AVRDB; crossings are
-ignored). AdamW, linear warm-up then cosine decay, bf16 autocast on the CPU. Checkpoints are
+ignored). AdamW, linear warm-up then cosine decay, bf16 autocast where native. Checkpoints are
 written every --checkpoint-every steps and resumed with --resume; --init WEIGHTS fine-tunes an
 exported model (its weights, with a fresh optimiser and schedule of --steps; the manifest keeps
 its earlier runs and wall time). At the end the weights are
@@ -33,7 +33,7 @@ from torch.nn import functional as F
 from services.analysis.engine.model_files import save_with_manifest
 from services.analysis.engine.nets import ARTERY, VEIN, VESSEL, VesselUNet
 from services.analysis.engine.preprocess import CANONICAL_SIDE
-from services.analysis.engine.runtime import pick_device
+from services.analysis.engine.runtime import bf16_is_native, pick_device
 from services.analysis.engine.vessels import TASK, WEIGHTS_DIR, VesselSegmenter
 from training.segmentation import datasets, evaluate
 from training.segmentation.sampling import (
@@ -59,7 +59,7 @@ class Config:
     av_weight: float = 1.0
     widths: tuple[int, ...] = (16, 32, 64, 128, 256)
     seed: int = 0
-    bf16: bool = True
+    bf16: bool | None = None  # None: where native (runtime.bf16_is_native)
     device: str = "auto"  # "auto": CUDA when present, else the CPU
     threads: int = 0  # 0: torch's default (one per core)
     data_root: Path = datasets.DEFAULT_ROOT
@@ -72,6 +72,10 @@ class Config:
     weights_dir: Path = WEIGHTS_DIR
     export: bool = True
     augmentation: Augmentation = field(default_factory=Augmentation)
+
+    def __post_init__(self) -> None:
+        if self.bf16 is None:
+            self.bf16 = bf16_is_native(pick_device(self.device))
 
 
 @dataclass
@@ -104,7 +108,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument("--av-weight", type=float, default=defaults.av_weight)
     parser.add_argument("--widths", default=",".join(map(str, defaults.widths)))
     parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=defaults.bf16)
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        help="bf16 autocast (default: where native, runtime.bf16_is_native)",
+    )
     parser.add_argument("--threads", type=int, default=defaults.threads)
     parser.add_argument("--data-root", type=Path, default=defaults.data_root)
     parser.add_argument("--out-dir", type=Path, default=defaults.out_dir)
