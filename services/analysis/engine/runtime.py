@@ -1,23 +1,30 @@
-"""A verified U-Net on its device, run in the precision the hardware does fastest.
+"""A verified U-Net on its device, run in the precision and engine the hardware does fastest.
 
 Shared by the vessel segmenter and the lesion detector (the lesion service imports it): both
 load a `VesselUNet` from committed safetensors + manifest, refuse a file whose sha256 or task
 does not match, and run under bf16 autocast with channels-last memory where the CPU has
-native bf16 (AVX512-BF16 / AMX) or on CUDA, fp32 elsewhere.
+native bf16 (AVX512-BF16 / AMX) or on CUDA. Elsewhere (fp32 on the CPU) the network is
+exported to ONNX in memory when it loads and run by ONNX Runtime, which did a 1024-px lesion
+tile in 0.75 s against PyTorch's 1.24 s on a 2-core AVX2 machine (same outputs up to 1e-5).
 """
 
 from __future__ import annotations
 
+import io
 import os
+import warnings
 from pathlib import Path
 from typing import ClassVar, Literal, Self
 
+import onnxruntime
 import torch
 
 from services.analysis.engine.model_files import ModelFiles, load_verified
 from services.analysis.engine.nets import VesselUNet, fold_batch_norm
 
 Precision = Literal["auto", "fp32", "bf16"]
+# "auto": ONNX Runtime for fp32 on the CPU, PyTorch otherwise (bf16 autocast, CUDA)
+Engine = Literal["auto", "torch", "onnxruntime"]
 
 
 def cpu_has_bf16() -> bool:
@@ -40,6 +47,35 @@ def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def onnx_session(net: VesselUNet, threads: int) -> onnxruntime.InferenceSession:
+    """`net` (in eval mode) exported to ONNX in memory, in a CPU session of `threads` threads;
+    any batch size and any input sides that are multiples of `net.multiple`."""
+    side = net.multiple
+    example = torch.zeros(1, net.down[0][0].in_channels, side, side)
+    axes = {0: "batch", 2: "height", 3: "width"}
+    exported = io.BytesIO()
+    # The TorchScript exporter, deprecated: the dynamo one took 17 s here instead of 1.7 s and
+    # its graph ran a tile in 1.17 s instead of 0.75 s.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            net,
+            (example,),
+            exported,
+            dynamo=False,
+            opset_version=17,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": axes, "logits": axes},
+        )
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(
+        exported.getvalue(), options, providers=["CPUExecutionProvider"]
+    )
 
 
 def build_net(files: ModelFiles) -> VesselUNet:
@@ -70,12 +106,21 @@ class NetRunner:
         manifest: dict,
         device: torch.device | None = None,
         precision: Precision = "auto",
+        engine: Engine = "auto",
     ) -> None:
         self.device = device or pick_device()
         self.manifest = manifest
         self.bf16 = precision == "bf16" or (precision == "auto" and bf16_is_native(self.device))
+        on_cpu_in_fp32 = self.device.type == "cpu" and not self.bf16
+        if engine == "onnxruntime" and not on_cpu_in_fp32:
+            raise ValueError("the onnxruntime engine runs fp32 on the CPU only")
         # Inference only from here: the batch norms go into the convs (fold_batch_norm).
         self.net = fold_batch_norm(net.to(self.device).eval())
+        self.session = (
+            onnx_session(self.net, torch.get_num_threads())
+            if engine == "onnxruntime" or (engine == "auto" and on_cpu_in_fp32)
+            else None
+        )
         if self.device.type == "cpu":
             self.net = self.net.to(memory_format=torch.channels_last)
 
@@ -86,6 +131,7 @@ class NetRunner:
         *,
         device: torch.device | None = None,
         precision: Precision = "auto",
+        engine: Engine = "auto",
         threads: int | None = None,
         **options: object,
     ) -> Self:
@@ -96,7 +142,7 @@ class NetRunner:
             task = files.manifest["task"]
             raise ValueError(f"{weights} holds a {task!r} model, not {cls.TASK!r}")
         torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
-        return cls(build_net(files), files.manifest, device, precision, **options)
+        return cls(build_net(files), files.manifest, device, precision, engine, **options)
 
     @property
     def version(self) -> str:
@@ -104,6 +150,9 @@ class NetRunner:
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """N x C x H x W input -> float32 logits on the CPU."""
+        if self.session is not None:
+            inputs = batch.float().contiguous().numpy()
+            return torch.from_numpy(self.session.run(None, {"input": inputs})[0])
         batch = batch.to(self.device)
         if self.device.type == "cpu":
             batch = batch.contiguous(memory_format=torch.channels_last)

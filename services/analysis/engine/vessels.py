@@ -28,7 +28,7 @@ import torch
 
 from services.analysis.engine.nets import ARTERY, VEIN, VESSEL, VesselUNet
 from services.analysis.engine.preprocess import from_canonical, network_input
-from services.analysis.engine.runtime import NetRunner, Precision
+from services.analysis.engine.runtime import Engine, NetRunner, Precision
 from shared.imaging.fov import FovEstimate, detect_field_of_view
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
@@ -60,9 +60,10 @@ class VesselSegmenter(NetRunner):
         manifest: dict,
         device: torch.device | None = None,
         precision: Precision = "auto",
+        engine: Engine = "auto",
         mirror_average: bool = True,
     ) -> None:
-        super().__init__(net, manifest, device, precision)
+        super().__init__(net, manifest, device, precision, engine)
         self.mirror_average = mirror_average
         self.threshold = float(manifest.get("threshold", 0.5))
 
