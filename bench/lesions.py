@@ -34,7 +34,9 @@
   with e.g. --test-time-scales he=1,0.75,0.5 (repeatable; a bare list sets the other types').
   --update-manifest makes the served model do the same.
 - Speed: the service's whole `detect` (FOV, working grid, tiled network, instances,
-  positions, assessment) on IDRiD_01 (4288 x 2848), median of --repeats runs after a warm-up.
+  positions, assessment) on IDRiD_01 (4288 x 2848), median of --repeats runs after a warm-up;
+  with the manifest's test-time grids (`speed`) and with one pass (`speed_single_pass`, the
+  service's RETINAL_LESION_SINGLE_PASS).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from services.lesion.engine.detector import (
     DEFAULT_WEIGHTS,
     NAMES,
     SHORT_NAMES,
+    SINGLE_PASS,
     TYPES,
     LesionDetector,
 )
@@ -349,6 +352,8 @@ def main() -> None:
     report["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
     served = LesionDetector.load(args.served, threads=threads)  # after the manifest's update
     report["speed"] = timing(served, args.data_root, args.repeats)
+    single = LesionDetector.load(args.served, threads=threads, test_time_scales=SINGLE_PASS)
+    report["speed_single_pass"] = timing(single, args.data_root, args.repeats)
     report["other_cameras"] = other_cameras(served, args.data_root)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps(report, indent=2) + "\n")

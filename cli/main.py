@@ -157,7 +157,13 @@ def analyze(
 
     files = list(analysis_cli.expand(paths))
     analyzer = Analyzer.load(weights_dir or AnalysisSettings().weights_dir)
-    detector = LesionDetector.load(lesion_weights or LesionSettings().weights) if lesions else None
+    detector = None
+    if lesions:
+        lesion_settings = LesionSettings()
+        detector = LesionDetector.load(
+            lesion_weights or lesion_settings.weights,
+            test_time_scales=lesion_settings.test_time_scales,
+        )
     with contextlib.ExitStack() as stack:
         jsonl = stack.enter_context(output.open("w")) if output else sys.stdout
         table = None

@@ -40,6 +40,7 @@ from services.lesion.engine.detector import (
 from services.lesion.engine.instances import Instance, components, extract
 from services.lesion.engine.overlays import LAYERS, mask_png, render
 from services.lesion.engine.preprocess import INPUT_CHANNELS, MAX_UPSCALE, WorkGrid, standardise
+from services.lesion.settings import LesionSettings
 from shared import findings, pixels
 from shared.assessment import CDR_HIGH, CDR_SUSPECT, assess
 from shared.convert import to_proto
@@ -388,7 +389,7 @@ def test_local_contrast_removes_the_illumination_gradient_and_keeps_a_small_dark
 # --- model files -------------------------------------------------------------------------
 
 
-def _tiny_model(path: Path, task: str = TASK) -> dict:
+def _tiny_model(path: Path, task: str = TASK, **manifest: object) -> dict:
     net = VesselUNet(INPUT_CHANNELS, (4, 8), 4)
     return save_with_manifest(
         net.state_dict(),
@@ -398,6 +399,7 @@ def _tiny_model(path: Path, task: str = TASK) -> dict:
             "version": "0",
             "task": task,
             "architecture": {"in_channels": INPUT_CHANNELS, "widths": [4, 8], "classes": 4},
+            **manifest,
         },
     )
 
@@ -718,3 +720,17 @@ def test_the_manifest_reports_types_by_their_mean_fold_aupr(tmp_path: Path) -> N
     assert manifest["reported_types"] == ["ma", "he", "ex"]
     assert manifest["metrics"]["aupr"]["he"] == pooled["he"]
     assert manifest["thresholds"] == dict.fromkeys(per_fold, 0.5)  # never below 0.5
+
+
+def test_the_single_pass_setting_overrides_the_manifest_s_grids(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    weights = tmp_path / "lesion.safetensors"
+    _tiny_model(weights, test_time_scales={"he": [1.0, 0.5]})
+    assert LesionSettings().test_time_scales is None
+    manifest_s = LesionDetector.load(weights, test_time_scales=LesionSettings().test_time_scales)
+    assert manifest_s.test_time_scales["he"] == (1.0, 0.5)
+    monkeypatch.setenv("RETINAL_LESION_SINGLE_PASS", "true")
+    scales = LesionSettings().test_time_scales
+    single = LesionDetector.load(weights, test_time_scales=scales)
+    assert set(single.test_time_scales.values()) == {(1.0,)}

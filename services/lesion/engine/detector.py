@@ -46,6 +46,7 @@ NAMES = tuple(SHORT_NAMES[t] for t in TYPES)  # short names in output order
 TILE = 1024  # most working px per tile side, margin included (bounds the memory of a pass)
 MARGIN = 32  # px of each tile border discarded (the U-Net's padding effects)
 FLIP_DIMS = ((), (3,), (2,), (2, 3))  # identity, mirrored, upside down, both: the first N run
+SINGLE_PASS = (1.0,)  # test_time_scales of one pass on the working grid, for every type
 
 
 @dataclass(frozen=True)
