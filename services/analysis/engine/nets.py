@@ -41,6 +41,7 @@ class VesselUNet(nn.Module):
         self, in_channels: int = 3, widths: Sequence[int] = (16, 32, 64, 128, 256), classes: int = 3
     ) -> None:
         super().__init__()
+        self.in_channels = in_channels
         self.widths = tuple(widths)
         self.down = nn.ModuleList()
         previous = in_channels
