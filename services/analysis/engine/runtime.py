@@ -121,7 +121,7 @@ class NetRunner:
             if engine == "onnxruntime" or (engine == "auto" and on_cpu_in_fp32)
             else None
         )
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and self.session is None:
             self.net = self.net.to(memory_format=torch.channels_last)
 
     @classmethod
