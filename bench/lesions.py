@@ -33,6 +33,9 @@
   grids that much coarser (the detector's test_time_scales), for every type, or for one type
   with e.g. --test-time-scales he=1,0.75,0.5 (repeatable; a bare list sets the other types').
   --update-manifest makes the served model do the same.
+- --precision (default auto, as the services run on this machine): int8 quantises each fold's
+  model as `training.quantise` does the served one, calibrated on the fold's own training
+  photographs, so the held-out figures measure the int8 models.
 - Speed: the service's whole `detect` (FOV, working grid, tiled network, instances,
   positions, assessment) on IDRiD_01 (4288 x 2848), median of --repeats runs after a warm-up;
   with the manifest's test-time grids (`speed`) and with one pass (`speed_single_pass`, the
@@ -49,12 +52,14 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
 from PIL import Image
 from sklearn.metrics import average_precision_score
 
+from services.analysis.engine.runtime import Precision, resolved_precision
 from services.lesion.engine.detection import detect
 from services.lesion.engine.detector import (
     DEFAULT_WEIGHTS,
@@ -68,6 +73,7 @@ from services.lesion.engine.instances import MERGE_GAP_FRACTION, Instance, compo
 from services.lesion.engine.preprocess import WorkGrid
 from shared import findings
 from training.lesions import data
+from training.quantise import lesion_int8
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lesions.json"
 LEVELS = 65535
@@ -203,7 +209,7 @@ def timing(detector: LesionDetector, root: Path, repeats: int) -> dict:
         "runs_s": [round(r, 3) for r in runs],
         "median_s": round(statistics.median(runs), 3),
         "threads": torch.get_num_threads(),
-        "bf16": detector.bf16,
+        "precision": detector.precision,
         "test_time_flips": detector.test_time_flips,
         "test_time_scales": detector.test_time_scales,
         "target_s": 5.0,
@@ -241,8 +247,31 @@ def other_cameras(detector: LesionDetector, root: Path) -> dict:
     return out
 
 
+def fold_detector(
+    weights: Path,
+    root: Path,
+    threads: int,
+    precision: Precision,
+    flips: int,
+    scales: dict[str, tuple[float, ...]],
+) -> LesionDetector:
+    """A fold's model in `precision`; in int8, quantised here as `training.quantise` does the
+    served model, calibrated on the fold's own training photographs."""
+    options = {"threads": threads, "test_time_flips": flips, "test_time_scales": scales}
+    fp32 = LesionDetector.load(weights, precision="fp32", **options)
+    if resolved_precision(precision, fp32.device, has_int8=True) != "int8":
+        return LesionDetector.load(weights, precision=precision, **options)
+    model, _ = lesion_int8(fp32, root)
+    return LesionDetector.load(weights, precision="int8", int8_model=model, **options)
+
+
 def cross_validation(
-    specs: list[str], root: Path, threads: int, flips: int, scales: dict[str, tuple[float, ...]]
+    specs: list[str],
+    root: Path,
+    threads: int,
+    precision: Precision,
+    flips: int,
+    scales: dict[str, tuple[float, ...]],
 ) -> dict:
     """Per-type metrics over the held-out images of the folds given as K=weights."""
     totals = {
@@ -257,11 +286,11 @@ def cross_validation(
         for t in TYPES
     }
     folds: dict[str, list[str]] = {}
+    precisions = set()
     for spec in specs:
         fold, weights = spec.split("=", 1)
-        detector = LesionDetector.load(
-            Path(weights), threads=threads, test_time_flips=flips, test_time_scales=scales
-        )
+        detector = fold_detector(Path(weights), root, threads, precision, flips, scales)
+        precisions.add(detector.precision)
         folds[fold] = evaluate_fold(detector, int(fold), root, totals)
     images = sum(len(ids) for ids in folds.values())
     per_type = {}
@@ -285,6 +314,7 @@ def cross_validation(
             "folds_run": folds,
             "held_out_images": images,
             "resolution": "full size (4288 x 2848), all pixels, pooled over held-out images",
+            "precision": "/".join(sorted(precisions)),
         },
         "test_time_flips": flips,
         "test_time_scales": scales,
@@ -325,6 +355,12 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=data.DEFAULT_ROOT)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="0: one per core")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=get_args(Precision),
+        help="of every model run; auto: as the services run it on this machine",
+    )
     parser.add_argument("--test-time-flips", type=int, default=1, choices=[1, 2, 4])
     parser.add_argument(
         "--test-time-scales",
@@ -342,7 +378,12 @@ def main() -> None:
     threads = args.threads or len(os.sched_getaffinity(0))
     if args.fold:
         report = cross_validation(
-            args.fold, args.data_root, threads, args.test_time_flips, scales(args.test_time_scales)
+            args.fold,
+            args.data_root,
+            threads,
+            args.precision,
+            args.test_time_flips,
+            scales(args.test_time_scales),
         )
     else:
         report = json.loads(args.results.read_text())
@@ -350,9 +391,12 @@ def main() -> None:
         update_manifest(args.served, report)
     report["date"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     report["machine"] = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-    served = LesionDetector.load(args.served, threads=threads)  # after the manifest's update
+    # after the manifest's update
+    served = LesionDetector.load(args.served, threads=threads, precision=args.precision)
     report["speed"] = timing(served, args.data_root, args.repeats)
-    single = LesionDetector.load(args.served, threads=threads, test_time_scales=SINGLE_PASS)
+    single = LesionDetector.load(
+        args.served, threads=threads, precision=args.precision, test_time_scales=SINGLE_PASS
+    )
     report["speed_single_pass"] = timing(single, args.data_root, args.repeats)
     report["other_cameras"] = other_cameras(served, args.data_root)
     args.results.parent.mkdir(parents=True, exist_ok=True)

@@ -165,7 +165,7 @@ def run(root: Path, weights: Path, repeats: int, threads: int | None) -> dict[st
             "threads": torch.get_num_threads(),
             "load_average_1min": round(os.getloadavg()[0], 2),  # other jobs share the cores
             "device": str(segmenter.device),
-            "precision": "bf16 autocast" if segmenter.bf16 else "fp32",
+            "precision": segmenter.precision,
         },
         "threshold": {"value": threshold, "chosen_on": "training images (DRIVE 21-40, STARE 10)"},
         "drive_test": evaluate.vessel_report(drive_scores, threshold),

@@ -156,12 +156,18 @@ def analyze(
     from services.lesion.settings import LesionSettings
 
     files = list(analysis_cli.expand(paths))
-    analyzer = Analyzer.load(weights_dir or AnalysisSettings().weights_dir)
+    analysis_settings = AnalysisSettings()
+    analyzer = Analyzer.load(
+        weights_dir or analysis_settings.weights_dir,
+        vessel_mirror_average=analysis_settings.vessel_mirror_average,
+        vessel_precision=analysis_settings.vessel_precision,
+    )
     detector = None
     if lesions:
         lesion_settings = LesionSettings()
         detector = LesionDetector.load(
             lesion_weights or lesion_settings.weights,
+            precision=lesion_settings.precision,
             test_time_scales=lesion_settings.test_time_scales,
         )
     with contextlib.ExitStack() as stack:

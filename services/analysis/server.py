@@ -63,7 +63,9 @@ class AnalysisServicer(analysis_pb2_grpc.AnalysisServiceServicer):
 def main() -> None:
     settings = AnalysisSettings()
     analyzer = Analyzer.load(
-        settings.weights_dir, vessel_mirror_average=settings.vessel_mirror_average
+        settings.weights_dir,
+        vessel_mirror_average=settings.vessel_mirror_average,
+        vessel_precision=settings.vessel_precision,
     )
     export_model_info("analysis", analyzer.manifests)
     if settings.torch_threads:

@@ -5,6 +5,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from services.analysis.engine.runtime import Precision
 from shared.config import GrpcServiceSettings
 
 
@@ -22,3 +23,6 @@ class AnalysisSettings(GrpcServiceSettings):
     # Average the vessel network over mirror images (+0.002 DRIVE AUC, +0.3 s per image on
     # one core; see services/analysis/engine/vessels.py). Off for the highest throughput.
     vessel_mirror_average: bool = True
+    # The vessel network's precision; auto: bf16 where the CPU has it natively (or on CUDA),
+    # else the committed int8 model in ONNX Runtime; fp32 to rule int8 out.
+    vessel_precision: Precision = "auto"

@@ -108,7 +108,11 @@ def to_proto_type(lesion_type: findings.LesionType) -> int:
 def main() -> None:
     settings = LesionSettings()
     # Refuses to start on missing weights or a checksum mismatch (ModelIntegrityError).
-    detector = LesionDetector.load(settings.weights, test_time_scales=settings.test_time_scales)
+    detector = LesionDetector.load(
+        settings.weights,
+        precision=settings.precision,
+        test_time_scales=settings.test_time_scales,
+    )
     export_model_info("lesion", [detector.manifest])
 
     def register(server: grpc.aio.Server) -> Sequence[str]:

@@ -5,6 +5,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from services.analysis.engine.runtime import Precision
 from services.lesion.engine.detection import DEFAULT_MAX_PER_TYPE
 from services.lesion.engine.detector import DEFAULT_WEIGHTS, SINGLE_PASS
 from shared.config import GrpcServiceSettings
@@ -24,6 +25,9 @@ class LesionSettings(GrpcServiceSettings):
     # grids: about a quarter of the network time for a lower held-out AUPR (README, lesion
     # speed), for CPUs too slow for the grids.
     single_pass: bool = False
+    # The network's precision; auto: bf16 where the CPU has it natively (or on CUDA), else the
+    # committed int8 model in ONNX Runtime (README, lesion speed); fp32 to rule int8 out.
+    precision: Precision = "auto"
 
     @property
     def test_time_scales(self) -> tuple[float, ...] | None:

@@ -22,6 +22,7 @@ from services.analysis.engine.disc import DiscSegmenter
 from services.analysis.engine.fovea import locate_fovea
 from services.analysis.engine.overlays import OverlayInputs
 from services.analysis.engine.quality import QualityGrader
+from services.analysis.engine.runtime import Precision
 from services.analysis.engine.vessels import VesselSegmenter
 from services.analysis.features import MaskSet, measure
 from shared import findings
@@ -79,12 +80,20 @@ class Analyzer:
     disc: DiscSegmenter | None
 
     @classmethod
-    def load(cls, weights_dir: Path, *, vessel_mirror_average: bool = True) -> Analyzer:
+    def load(
+        cls,
+        weights_dir: Path,
+        *,
+        vessel_mirror_average: bool = True,
+        vessel_precision: Precision = "auto",
+    ) -> Analyzer:
         return cls(
             quality=_load_optional(weights_dir / "quality.safetensors", QualityGrader.load),
             vessels=_load_optional(
                 weights_dir / "vessel-av-unet.safetensors",
-                lambda path: VesselSegmenter.load(path, mirror_average=vessel_mirror_average),
+                lambda path: VesselSegmenter.load(
+                    path, precision=vessel_precision, mirror_average=vessel_mirror_average
+                ),
             ),
             disc=_load_optional(
                 weights_dir / "disc_cup.safetensors",

@@ -73,3 +73,49 @@ def save_with_manifest(
     written = {**manifest, "sha256": sha256_of(weights), "bytes": weights.stat().st_size}
     manifest_path(weights).write_text(json.dumps(written, indent=2) + "\n")
     return written
+
+
+def quantised_path(weights: Path) -> Path:
+    """`<name>.int8.onnx` beside `<name>.safetensors`."""
+    return weights.with_suffix(".int8.onnx")
+
+
+def quantised_model(weights: Path, manifest: dict[str, Any]) -> bytes:
+    """The int8 ONNX model the manifest names (its `int8` entry), verified: its own sha256, and
+    the sha256 of the weights it was quantised from, which must be the manifest's."""
+    entry = manifest.get("int8")
+    if entry is None:
+        raise ModelIntegrityError(f"{manifest_path(weights)} names no int8 model")
+    path = weights.parent / entry["file"]
+    if not path.is_file():
+        raise ModelIntegrityError(f"int8 model missing: {path}")
+    model = path.read_bytes()
+    actual = hashlib.sha256(model).hexdigest()
+    if actual != entry["sha256"]:
+        raise ModelIntegrityError(
+            f"checksum mismatch for {path}: the manifest says sha256 {entry['sha256']}, "
+            f"the file has {actual}; refusing to load"
+        )
+    if entry["source_sha256"] != manifest["sha256"]:
+        raise ModelIntegrityError(
+            f"{path} was quantised from other weights (sha256 {entry['source_sha256']}) than "
+            f"{weights.name}; quantise again (python -m training.quantise)"
+        )
+    return model
+
+
+def save_quantised(weights: Path, model: bytes, details: dict[str, Any]) -> dict[str, Any]:
+    """Write `<name>.int8.onnx` and record it, with `details`, in the weights' manifest."""
+    path = quantised_path(weights)
+    path.write_bytes(model)
+    manifest_file = manifest_path(weights)
+    manifest = json.loads(manifest_file.read_text())
+    manifest["int8"] = {
+        "file": path.name,
+        "sha256": hashlib.sha256(model).hexdigest(),
+        "bytes": len(model),
+        "source_sha256": manifest["sha256"],
+        **details,
+    }
+    manifest_file.write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

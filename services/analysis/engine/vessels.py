@@ -4,12 +4,13 @@ One pass of `VesselUNet` on the canonical grid (`preprocess.py`); the probabilit
 back to the input's pixel grid. The canonical grid bounds the work: any photograph becomes one
 576 x 576 pass, so no tiling is needed.
 
-On the CPU the network runs in PyTorch with bfloat16 autocast and channels-last memory where
-the processor has native bf16 instructions (AVX512-BF16 / AMX), fp32 elsewhere; on CUDA, bf16
-autocast. Measured here (2-core AMD EPYC with AVX512-BF16, 576 px pass): PyTorch bf16 0.06 s
-with 2 idle cores, 0.14 s on 1 core; ONNX Runtime 1.32 fp32 0.17 s on 1 core; PyTorch fp32
-0.16 s / 0.26 s. bf16 and fp32 give the same DRIVE test AUC and Dice to 4 decimals. PyTorch
-bf16 is the fastest, and it needs no second runtime or exported graph, so ONNX is not used.
+The network runs where runtime.NetRunner puts it: PyTorch with bf16 autocast and
+channels-last memory on a CPU with native bf16 (AVX512-BF16 / AMX) or on CUDA; elsewhere on
+the CPU, ONNX Runtime with the committed int8 model (`vessel-av-unet.int8.onnx`, written by
+`python -m training.quantise vessel`), or fp32 when asked. bench/vessels.py measures the
+served precision against fp32. On a 2-core AMD EPYC with AVX512-BF16, a 576-px pass took
+0.06 s in PyTorch bf16 (2 idle cores) against 0.17 s in ONNX Runtime fp32 (1 core), with the
+same DRIVE test AUC and Dice to 4 decimals.
 
 By default the logits are averaged over the image and its three mirror images (horizontal,
 vertical, both), one batch of four: on DRIVE test this raised the AUC from 0.971 to 0.973 and
@@ -22,13 +23,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from services.analysis.engine.nets import ARTERY, VEIN, VESSEL, VesselUNet
+from services.analysis.engine.nets import ARTERY, VEIN, VESSEL
 from services.analysis.engine.preprocess import from_canonical, network_input
-from services.analysis.engine.runtime import Engine, NetRunner, Precision
+from services.analysis.engine.runtime import NetRunner
 from shared.imaging.fov import FovEstimate, detect_field_of_view
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
@@ -54,18 +56,11 @@ class VesselSegmenter(NetRunner):
     TASK = TASK
     DEFAULT_WEIGHTS = DEFAULT_WEIGHTS
 
-    def __init__(
-        self,
-        net: VesselUNet,
-        manifest: dict,
-        device: torch.device | None = None,
-        precision: Precision = "auto",
-        engine: Engine = "auto",
-        mirror_average: bool = True,
-    ) -> None:
-        super().__init__(net, manifest, device, precision, engine)
+    def __init__(self, *args: Any, mirror_average: bool = True, **kwargs: Any) -> None:
+        """NetRunner's arguments; `mirror_average`: average the four mirror images' logits."""
+        super().__init__(*args, **kwargs)
         self.mirror_average = mirror_average
-        self.threshold = float(manifest.get("threshold", 0.5))
+        self.threshold = float(self.manifest.get("threshold", 0.5))
 
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         """N x 3 x S x S network input -> N x 3 x S x S float32 logits (mirror-averaged)."""
