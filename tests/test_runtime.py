@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,17 +53,19 @@ def _lesion_files(folder: Path) -> Path:
     return folder / LesionDetector.DEFAULT_WEIGHTS.name
 
 
-@pytest.mark.parametrize("runner", [VesselSegmenter, LesionDetector], ids=["vessels", "lesions"])
-def test_the_committed_int8_model_is_the_weights_quantised(runner: type[NetRunner]) -> None:
-    manifest = json.loads(runner.DEFAULT_WEIGHTS.with_suffix(".json").read_text())
+def test_the_committed_int8_lesion_model_is_the_weights_quantised() -> None:
+    weights = LesionDetector.DEFAULT_WEIGHTS
+    manifest = json.loads(weights.with_suffix(".json").read_text())
     assert manifest["int8"]["source_sha256"] == manifest["sha256"]
-    assert quantised_model(runner.DEFAULT_WEIGHTS, manifest)  # raises on a mismatch
+    assert quantised_model(weights, manifest)  # raises on a mismatch
+    # The vessel model has none: int8 cost DRIVE test AUC 0.0002 (README), so it runs fp32.
+    vessels = json.loads(VesselSegmenter.DEFAULT_WEIGHTS.with_suffix(".json").read_text())
+    assert "int8" not in vessels
 
 
-@pytest.mark.parametrize("runner", [VesselSegmenter, LesionDetector], ids=["vessels", "lesions"])
-def test_int8_probabilities_stay_near_fp32_s(runner: type[NetRunner]) -> None:
-    int8 = runner.load(threads=1, precision="int8")
-    fp32 = runner.load(threads=1, precision="fp32")
+def test_int8_lesion_probabilities_stay_near_fp32_s() -> None:
+    int8 = LesionDetector.load(threads=1, precision="int8")
+    fp32 = LesionDetector.load(threads=1, precision="fp32")
     assert int8.precision == "int8" and int8.session is not None
     torch.manual_seed(0)
     batch = torch.randn(2, fp32.net.in_channels, 96, 160)  # the inputs are z-scores
@@ -124,5 +127,6 @@ def test_quantisation_calibrates_on_the_inputs_the_runner_is_given(tmp_path: Pat
     save_quantised(weights, int8_model(segmenter.net, inputs), {"calibration": "one photograph"})
     quantised = VesselSegmenter.load(weights, threads=1, precision="int8")
     assert quantised.manifest["int8"]["calibration"] == "one photograph"
-    maps = quantised.predict(photograph)
-    assert maps.vessel.shape == photograph.shape[:2]
+    assert VesselSegmenter.load(weights, threads=1).precision in ("int8", "bf16")  # auto
+    difference = np.abs(quantised.predict(photograph).vessel - segmenter.predict(photograph).vessel)
+    assert difference.mean() < 0.01

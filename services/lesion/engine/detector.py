@@ -102,6 +102,11 @@ def tiles(length: int, tile: int, margin: int) -> Iterator[tuple[int, int, int, 
         yield start, start + size, keep_start, keep_end
 
 
+def flipped(tensor: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """`tensor` reversed along `dims`; itself for none (torch's flip copies even then)."""
+    return tensor.flip(list(dims)) if dims else tensor
+
+
 class LesionDetector(NetRunner):
     """A loaded lesion network, ready to run on photographs."""
 
@@ -142,9 +147,11 @@ class LesionDetector(NetRunner):
     def probabilities(self, inputs: torch.Tensor) -> torch.Tensor:
         """1 x 6 x h x w network input -> 4 x h x w float32 probabilities, averaged over the
         first `test_time_flips` of FLIP_DIMS."""
-        views = FLIP_DIMS[: self.test_time_flips]
-        total = sum(self.tiled(inputs.flip(dims)).flip([d - 1 for d in dims]) for dims in views)
-        return total / len(views)
+        maps = [
+            flipped(self.tiled(flipped(inputs, dims)), [d - 1 for d in dims])
+            for dims in FLIP_DIMS[: self.test_time_flips]
+        ]
+        return maps[0] if len(maps) == 1 else torch.stack(maps).mean(0)
 
     def tiled(self, inputs: torch.Tensor) -> torch.Tensor:
         """1 x 6 x h x w network input -> 4 x h x w float32 probabilities, tiled."""

@@ -122,9 +122,11 @@ def local_backgrounds(planes: np.ndarray, fov: np.ndarray, sigma: float) -> np.n
     return backgrounds
 
 
-def _z_scores(plane: np.ndarray, fov: np.ndarray) -> np.ndarray:
+def _z_scores(plane: np.ndarray, fov: np.ndarray, out: np.ndarray) -> None:
+    """`plane` standardised with its FOV pixels' mean and deviation, into `out`."""
     values = plane[fov] if fov.any() else plane.ravel()
-    return (plane - values.mean()) / max(float(values.std()), _MIN_STD)
+    np.subtract(plane, values.mean(), out=out)
+    out /= max(float(values.std()), _MIN_STD)
 
 
 def standardise(rgb: np.ndarray, fov: np.ndarray, fov_radius: float) -> np.ndarray:
@@ -137,6 +139,6 @@ def standardise(rgb: np.ndarray, fov: np.ndarray, fov_radius: float) -> np.ndarr
     )
     out = np.empty((INPUT_CHANNELS, *fov.shape), dtype=np.float32)
     for c, plane in enumerate((*colours, *departures)):
-        out[c] = _z_scores(plane, fov)
-    out *= fov
+        _z_scores(plane, fov, out[c])
+    out[:, ~fov] = 0
     return out
