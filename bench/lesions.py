@@ -59,7 +59,7 @@ import torch
 from PIL import Image
 from sklearn.metrics import average_precision_score
 
-from services.analysis.engine.runtime import Precision, resolved_precision
+from services.analysis.engine.runtime import Precision, pick_device, resolved_precision
 from services.lesion.engine.detection import detect
 from services.lesion.engine.detector import (
     DEFAULT_WEIGHTS,
@@ -258,10 +258,9 @@ def fold_detector(
     """A fold's model in `precision`; in int8, quantised here as `training.quantise` does the
     served model, calibrated on the fold's own training photographs."""
     options = {"threads": threads, "test_time_flips": flips, "test_time_scales": scales}
-    fp32 = LesionDetector.load(weights, precision="fp32", **options)
-    if resolved_precision(precision, fp32.device, has_int8=True) != "int8":
+    if resolved_precision(precision, pick_device(), has_int8=True) != "int8":
         return LesionDetector.load(weights, precision=precision, **options)
-    model, _ = lesion_int8(fp32, root)
+    model, _ = lesion_int8(LesionDetector.load(weights, precision="fp32", **options), root)
     return LesionDetector.load(weights, precision="int8", int8_model=model, **options)
 
 

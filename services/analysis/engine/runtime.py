@@ -5,7 +5,7 @@ load a `VesselUNet` from committed safetensors + manifest, refuse a file whose s
 does not match, and run under bf16 autocast with channels-last memory where the CPU has
 native bf16 (AVX512-BF16 / AMX) or on CUDA. Elsewhere, on the CPU, ONNX Runtime runs it:
 - int8, where the manifest names a quantised model beside the weights (`<name>.int8.onnx`,
-  written by `python -m training.quantise`; see quantisation.py), verified like the weights;
+  written by `python -m training.quantise`), verified like the weights;
 - else fp32, the network exported to ONNX in memory when it loads, which did a 1024-px lesion
   tile in 0.75 s against PyTorch's 1.24 s on a 2-core AVX2 machine (the same outputs to 1e-4).
 """
@@ -125,7 +125,7 @@ class NetRunner:
         engine: Engine = "auto",
         int8_model: bytes | None = None,
     ) -> None:
-        """`int8_model`: the network quantised to int8 ONNX (quantisation.int8_model), which
+        """`int8_model`: the network quantised to int8 ONNX (training.quantise.int8_model), which
         precision "int8" needs and "auto" takes on a CPU without native bf16."""
         self.device = device or pick_device()
         self.manifest = manifest
