@@ -45,12 +45,17 @@ def test_the_engine_follows_the_precision() -> None:
 # --- int8 (training/quantise.py, model_files.quantised_model) --------------------------------
 
 
+def _copied(weights: Path, folder: Path, suffixes: tuple[str, ...]) -> Path:
+    """The model files of `weights` with these suffixes, copied into `folder`; the copy's path."""
+    for suffix in suffixes:
+        source = weights.with_suffix(suffix)
+        (folder / source.name).write_bytes(source.read_bytes())
+    return folder / weights.name
+
+
 def _lesion_files(folder: Path) -> Path:
     """A copy of the served lesion model's weights, manifest and int8 file in `folder`."""
-    for suffix in (".safetensors", ".json", ".int8.onnx"):
-        source = LesionDetector.DEFAULT_WEIGHTS.with_suffix(suffix)
-        (folder / source.name).write_bytes(source.read_bytes())
-    return folder / LesionDetector.DEFAULT_WEIGHTS.name
+    return _copied(LesionDetector.DEFAULT_WEIGHTS, folder, (".safetensors", ".json", ".int8.onnx"))
 
 
 def test_the_committed_int8_lesion_model_is_the_weights_quantised() -> None:
@@ -120,10 +125,7 @@ def test_quantisation_calibrates_on_the_inputs_the_runner_is_given(tmp_path: Pat
         segmenter.predict(photograph)
     assert "forward" not in vars(segmenter)  # the runner's own forward is back
     assert [window.shape for window in inputs] == [(1, 3, 64, 64)]  # the first of the batch
-    weights = tmp_path / "vessels.safetensors"
-    for suffix in (".safetensors", ".json"):
-        source = VesselSegmenter.DEFAULT_WEIGHTS.with_suffix(suffix)
-        weights.with_suffix(suffix).write_bytes(source.read_bytes())
+    weights = _copied(VesselSegmenter.DEFAULT_WEIGHTS, tmp_path, (".safetensors", ".json"))
     save_quantised(weights, int8_model(segmenter.net, inputs), {"calibration": "one photograph"})
     quantised = VesselSegmenter.load(weights, threads=1, precision="int8")
     assert quantised.manifest["int8"]["calibration"] == "one photograph"

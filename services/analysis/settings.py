@@ -24,5 +24,5 @@ class AnalysisSettings(GrpcServiceSettings):
     # one core; see services/analysis/engine/vessels.py). Off for the highest throughput.
     vessel_mirror_average: bool = True
     # The vessel network's precision; auto: bf16 where the CPU has it natively (or on CUDA),
-    # else the committed int8 model in ONNX Runtime; fp32 to rule int8 out.
+    # else an int8 model in ONNX Runtime if one was written (none is committed), else fp32.
     vessel_precision: Precision = "auto"

@@ -168,7 +168,8 @@ class NetRunner:
         torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
         device = device or pick_device()
         has_int8 = int8_model is not None or "int8" in files.manifest
-        if int8_model is None and resolved_precision(precision, device, has_int8) == "int8":
+        precision = resolved_precision(precision, device, has_int8)
+        if int8_model is None and precision == "int8":
             int8_model = quantised_model(weights, files.manifest)
         return cls(
             build_net(files), files.manifest, device, precision, engine, int8_model, **options

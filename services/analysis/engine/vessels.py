@@ -6,11 +6,11 @@ back to the input's pixel grid. The canonical grid bounds the work: any photogra
 
 The network runs where runtime.NetRunner puts it: PyTorch with bf16 autocast and
 channels-last memory on a CPU with native bf16 (AVX512-BF16 / AMX) or on CUDA; elsewhere on
-the CPU, ONNX Runtime with the committed int8 model (`vessel-av-unet.int8.onnx`, written by
-`python -m training.quantise vessel`), or fp32 when asked. bench/vessels.py measures the
-served precision against fp32. On a 2-core AMD EPYC with AVX512-BF16, a 576-px pass took
-0.06 s in PyTorch bf16 (2 idle cores) against 0.17 s in ONNX Runtime fp32 (1 core), with the
-same DRIVE test AUC and Dice to 4 decimals.
+the CPU, ONNX Runtime in fp32, or in int8 where a quantised model is written beside the weights
+(`python -m training.quantise vessel`; none is committed, as int8 cost DRIVE test AUC 0.0002:
+README). bench/vessels.py measures the served precision against fp32. On a 2-core AMD EPYC
+with AVX512-BF16, a 576-px pass took 0.06 s in PyTorch bf16 (2 idle cores) against 0.17 s in
+ONNX Runtime fp32 (1 core), with the same DRIVE test AUC and Dice to 4 decimals.
 
 By default the logits are averaged over the image and its three mirror images (horizontal,
 vertical, both), one batch of four: on DRIVE test this raised the AUC from 0.971 to 0.973 and
