@@ -51,6 +51,7 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import get_args
 
@@ -62,12 +63,14 @@ from sklearn.metrics import average_precision_score
 from services.analysis.engine.runtime import Precision, pick_device, resolved_precision
 from services.lesion.engine.detection import detect
 from services.lesion.engine.detector import (
+    CONTEXT_WEIGHTS,
     DEFAULT_WEIGHTS,
     NAMES,
     SHORT_NAMES,
     SINGLE_PASS,
     TYPES,
     LesionDetector,
+    shares_per_type,
 )
 from services.lesion.engine.instances import MERGE_GAP_FRACTION, Instance, components, extract
 from services.lesion.engine.preprocess import WorkGrid
@@ -247,32 +250,42 @@ def other_cameras(detector: LesionDetector, root: Path) -> dict:
     return out
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How every fold model runs: the test-time choices and the context model's shares."""
+
+    precision: Precision
+    flips: int
+    scales: dict[str, tuple[float, ...]]
+    context_shares: dict[str, float]
+
+
 def fold_detector(
-    weights: Path,
-    root: Path,
-    threads: int,
-    precision: Precision,
-    flips: int,
-    scales: dict[str, tuple[float, ...]],
+    weights: Path, context: Path | None, root: Path, threads: int, recipe: Recipe
 ) -> LesionDetector:
-    """A fold's model in `precision`; in int8, quantised here as `training.quantise` does the
-    served model, calibrated on the fold's own training photographs."""
-    options = {"threads": threads, "test_time_flips": flips, "test_time_scales": scales}
-    if resolved_precision(precision, pick_device(), has_int8=True) != "int8":
-        return LesionDetector.load(weights, precision=precision, **options)
+    """A fold's model (with its context model, if any) in `recipe.precision`; in int8,
+    quantised here as `training.quantise` does the served model, calibrated on the fold's own
+    training photographs."""
+    options = {
+        "threads": threads,
+        "test_time_flips": recipe.flips,
+        "test_time_scales": recipe.scales,
+    }
+    with_context = {"context_weights": context, "context_shares": recipe.context_shares}
+    if resolved_precision(recipe.precision, pick_device(), has_int8=True) != "int8":
+        return LesionDetector.load(weights, precision=recipe.precision, **options, **with_context)
     model, _ = lesion_int8(LesionDetector.load(weights, precision="fp32", **options), root)
-    return LesionDetector.load(weights, precision="int8", int8_model=model, **options)
+    return LesionDetector.load(
+        weights, precision="int8", int8_model=model, **options, **with_context
+    )
 
 
 def cross_validation(
-    specs: list[str],
-    root: Path,
-    threads: int,
-    precision: Precision,
-    flips: int,
-    scales: dict[str, tuple[float, ...]],
+    specs: list[str], context_specs: list[str], root: Path, threads: int, recipe: Recipe
 ) -> dict:
-    """Per-type metrics over the held-out images of the folds given as K=weights."""
+    """Per-type metrics over the held-out images of the folds given as K=weights (and their
+    context models, K=weights)."""
+    contexts = dict(spec.split("=", 1) for spec in context_specs)
     totals = {
         SHORT_NAMES[t]: {
             "pos": np.zeros(LEVELS + 1, np.int64),
@@ -288,7 +301,8 @@ def cross_validation(
     precisions = set()
     for spec in specs:
         fold, weights = spec.split("=", 1)
-        detector = fold_detector(Path(weights), root, threads, precision, flips, scales)
+        context = Path(contexts[fold]) if fold in contexts else None
+        detector = fold_detector(Path(weights), context, root, threads, recipe)
         precisions.add(detector.precision)
         folds[fold] = evaluate_fold(detector, int(fold), root, totals)
     images = sum(len(ids) for ids in folds.values())
@@ -314,9 +328,11 @@ def cross_validation(
             "held_out_images": images,
             "resolution": "full size (4288 x 2848), all pixels, pooled over held-out images",
             "precision": "/".join(sorted(precisions)),
+            "context_models": contexts,
         },
-        "test_time_flips": flips,
-        "test_time_scales": scales,
+        "test_time_flips": recipe.flips,
+        "test_time_scales": recipe.scales,
+        "context_shares": recipe.context_shares if contexts else {},
         "targets_aupr": TARGET_AUPR,
         "reporting_floor_aupr": REPORTING_FLOOR,
         "anchors_aupr_idrid_top": {"ma": 0.50, "he": 0.65, "ex": 0.89, "se": 0.70},
@@ -339,6 +355,15 @@ def scales(options: list[tuple[str | None, tuple[float, ...]]]) -> dict[str, tup
     default = next((values for name, values in reversed(options) if name is None), (1.0,))
     named = {name: values for name, values in options if name is not None}
     return {name: named.get(name, default) for name in NAMES}
+
+
+def shares_option(text: str) -> dict[str, float]:
+    """'he=0.5,se=0.25' -> {'he': 0.5, 'se': 0.25}."""
+    try:
+        pairs = [item.split("=") for item in text.split(",")]
+        return shares_per_type({name: float(share) for name, share in pairs})
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def main() -> None:
@@ -369,6 +394,18 @@ def main() -> None:
         help="refinements of the working grid whose maps are averaged, 1 first: 1,0.75 for "
         "every type, he=1,0.75,0.5 for one (repeatable)",
     )
+    parser.add_argument(
+        "--context",
+        action="append",
+        default=[],
+        help="K=weights of fold K's context model (training.lesions.train --grid-scale 0.25)",
+    )
+    parser.add_argument(
+        "--context-shares",
+        type=shares_option,
+        default={},
+        help="the context models' share of each type's map: he=0.5 (others 0)",
+    )
     parser.add_argument("--update-manifest", action="store_true")
     parser.add_argument(
         "--results", type=Path, default=RESULTS, help="results file (also read without --fold)"
@@ -376,14 +413,10 @@ def main() -> None:
     args = parser.parse_args()
     threads = args.threads or len(os.sched_getaffinity(0))
     if args.fold:
-        report = cross_validation(
-            args.fold,
-            args.data_root,
-            threads,
-            args.precision,
-            args.test_time_flips,
-            scales(args.test_time_scales),
+        recipe = Recipe(
+            args.precision, args.test_time_flips, scales(args.test_time_scales), args.context_shares
         )
+        report = cross_validation(args.fold, args.context, args.data_root, threads, recipe)
     else:
         report = json.loads(args.results.read_text())
     if args.update_manifest:  # before timing: the served thresholds shape the instances
@@ -421,6 +454,9 @@ def update_manifest(weights: Path, report: dict) -> None:
     ]
     manifest["test_time_flips"] = report.get("test_time_flips", 1)
     manifest["test_time_scales"] = report.get("test_time_scales", dict.fromkeys(NAMES, (1.0,)))
+    manifest.pop("context", None)
+    if report.get("context_shares"):
+        manifest["context"] = {"weights": CONTEXT_WEIGHTS.name, "shares": report["context_shares"]}
     manifest["reported_types_rule"] = (
         "held-out AUPR, mean over the folds, >= half of the target AUPR " + str(REPORTING_FLOOR)
     )

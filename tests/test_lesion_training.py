@@ -170,6 +170,27 @@ def test_fine_tuning_carries_the_earlier_runs_and_refuses_another_folds_model(
 
     with pytest.raises(SystemExit, match="fold all"):
         train.start_from(train.Config(**{**tuned.__dict__, "fold": "0"}), train.new_state(tuned))
+    with pytest.raises(SystemExit, match=r"grid scale 1\.0"):
+        coarse = train.Config(**{**tuned.__dict__, "grid_scale": 0.25})
+        train.start_from(coarse, train.new_state(coarse))
+
+
+def test_a_context_model_trains_on_a_grid_a_quarter_as_fine(tmp_path: Path) -> None:
+    """The grid keeps the crop, the masks stay area fractions, and the manifest records the
+    scale for the detector."""
+    rgb = np.zeros((400, 600, 3), np.uint8)
+    yy, xx = np.mgrid[:400, :600]
+    rgb[(yy - 200) ** 2 + (xx - 300) ** 2 < 190**2] = (150, 80, 40)
+    masks = np.zeros((4, 400, 600), bool)
+    masks[1, 180:220, 280:320] = True  # a 40-px haemorrhage
+    fine = data.on_grid(rgb, masks, "x", ma_valid=True)
+    coarse = data.on_grid(rgb, masks, "x", ma_valid=True, grid_scale=0.25)
+    assert coarse.inputs.shape[1:] == pytest.approx(np.array(fine.inputs.shape[1:]) / 4, abs=1)
+    assert fine.targets[1].sum() / 255 == pytest.approx(1600 * 2.0**2, rel=0.05)  # MAX_UPSCALE
+    assert coarse.targets[1].sum() / 255 == pytest.approx(1600 * 0.5**2, rel=0.05)
+    config = train.Config(widths=(4, 8), grid_scale=0.25, output=tmp_path / "c.safetensors")
+    manifest = train.export(config, train.new_state(config))
+    assert manifest["architecture"]["grid_scale"] == 0.25
 
 
 @pytest.mark.parametrize("zoom", [0.5, 1.0, 1.5])

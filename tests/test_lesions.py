@@ -23,6 +23,7 @@ from bench.lesions import (
     best_f1_threshold,
     scales,
     scales_option,
+    shares_option,
     update_manifest,
 )
 from protos.retinal.v1 import common_pb2, findings_pb2, lesion_pb2, lesion_pb2_grpc
@@ -30,6 +31,7 @@ from services.analysis.engine.model_files import ModelIntegrityError, save_with_
 from services.analysis.engine.nets import VesselUNet
 from services.lesion.engine.detection import detect, original_frame, to_findings
 from services.lesion.engine.detector import (
+    CONTEXT_WEIGHTS,
     DEFAULT_WEIGHTS,
     TASK,
     LesionDetector,
@@ -490,6 +492,70 @@ def test_test_time_scales_per_type_average_only_that_types_passes(tmp_path: Path
     assert not np.allclose(per_type.probabilities[:2], one.probabilities[:2], atol=1e-3)
 
 
+def _context_model(path: Path) -> None:
+    """A tiny context model: other weights than _tiny_model's, trained a quarter as fine."""
+    torch.manual_seed(1)
+    net = VesselUNet(INPUT_CHANNELS, (4, 8), 4)
+    architecture = {"in_channels": INPUT_CHANNELS, "widths": [4, 8], "classes": 4}
+    save_with_manifest(
+        net.state_dict(),
+        path,
+        {
+            "name": "lesion-context-test",
+            "version": "0",
+            "task": TASK,
+            "architecture": {**architecture, "grid_scale": 0.25},
+        },
+    )
+
+
+def test_a_context_model_s_map_weighs_its_share_of_the_types_the_manifest_names(
+    tmp_path: Path,
+) -> None:
+    weights, context = tmp_path / "lesion.safetensors", tmp_path / "context.safetensors"
+    _tiny_model(weights, context={"weights": context.name, "shares": {"he": 0.25, "se": 1.0}})
+    _context_model(context)
+    rgb = _fundus_with_lesions(findings.Laterality.RIGHT).rgb
+    fused = LesionDetector.load(weights, threads=1, precision="fp32")
+    assert fused.context is not None and fused.context.grid_scale == 0.25
+    assert fused.context_shares == {"ma": 0.0, "he": 0.25, "ex": 0.0, "se": 1.0}
+    alone = tmp_path / "alone.safetensors"  # the same network, its manifest naming no context
+    alone.write_bytes(weights.read_bytes())
+    manifest = json.loads(weights.with_suffix(".json").read_text())
+    del manifest["context"]
+    alone.with_suffix(".json").write_text(json.dumps(manifest))
+    plain = LesionDetector.load(alone, threads=1, precision="fp32").predict(rgb)
+    maps = fused.predict(rgb)
+    grid = plain.grid
+    quarter = fused.context.on_grid(rgb, grid.rescaled(0.25), grid.shape).numpy()
+    quarter *= grid.fov_mask()
+    assert quarter.shape == plain.probabilities.shape
+    expected = plain.probabilities.copy()
+    expected[1] = 0.75 * plain.probabilities[1] + 0.25 * quarter[1]
+    expected[3] = quarter[3]
+    np.testing.assert_allclose(maps.probabilities, expected, atol=1e-5)
+    assert not np.allclose(maps.probabilities[1], plain.probabilities[1], atol=1e-3)
+    # Shares given to load win over the manifest's; unknown types and shares over 1 are refused.
+    mine = LesionDetector.load(weights, threads=1, precision="fp32", context_shares={"ex": 0.5})
+    assert mine.context_shares == {"ma": 0.0, "he": 0.0, "ex": 0.5, "se": 0.0}
+    for wrong in ({"xx": 0.5}, {"he": 1.5}):
+        with pytest.raises(ValueError, match="context shares"):
+            LesionDetector.load(weights, threads=1, context_shares=wrong)
+
+
+def test_a_missing_or_altered_context_model_stops_the_detector_loading(tmp_path: Path) -> None:
+    weights, context = tmp_path / "lesion.safetensors", tmp_path / "context.safetensors"
+    _tiny_model(weights, context={"weights": context.name, "shares": {"he": 0.5}})
+    with pytest.raises(ModelIntegrityError, match="model files missing"):
+        LesionDetector.load(weights, threads=1)
+    _context_model(context)
+    blob = bytearray(context.read_bytes())
+    blob[-1] ^= 0xFF
+    context.write_bytes(bytes(blob))
+    with pytest.raises(ModelIntegrityError, match="checksum mismatch"):
+        LesionDetector.load(weights, threads=1)
+
+
 def test_finer_grids_are_kept_only_up_to_the_largest_enlargement() -> None:
     fov = FovEstimate(2100.0, 1420.0, 1400.0, (700, 20, 3500, 2820), 0.8)
     idrid = WorkGrid.around(fov, 4288, 2848)  # about half the photograph's resolution
@@ -720,6 +786,20 @@ def test_the_manifest_reports_types_by_their_mean_fold_aupr(tmp_path: Path) -> N
     assert manifest["reported_types"] == ["ma", "he", "ex"]
     assert manifest["metrics"]["aupr"]["he"] == pooled["he"]
     assert manifest["thresholds"] == dict.fromkeys(per_fold, 0.5)  # never below 0.5
+    assert "context" not in manifest
+    shares = shares_option("he=0.5")
+    update_manifest(weights, {**report, "context_shares": shares})
+    manifest = json.loads(weights.with_suffix(".json").read_text())
+    assert manifest["context"] == {"weights": CONTEXT_WEIGHTS.name, "shares": shares}
+    update_manifest(weights, report)  # a run without a context model drops it
+    assert "context" not in json.loads(weights.with_suffix(".json").read_text())
+
+
+def test_bench_context_shares_option() -> None:
+    assert shares_option("he=0.5,se=0.25") == {"ma": 0.0, "he": 0.5, "ex": 0.0, "se": 0.25}
+    for wrong in ("he", "he=x", "xx=0.5", "he=2"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            shares_option(wrong)
 
 
 def test_the_single_pass_setting_overrides_the_manifest_s_grids(

@@ -76,8 +76,12 @@ class GridImage:
     ma_valid: bool  # False: the MA channel carries no usable labels
 
 
-def on_grid(rgb: np.ndarray, masks: np.ndarray, image_id: str, ma_valid: bool) -> GridImage:
+def on_grid(
+    rgb: np.ndarray, masks: np.ndarray, image_id: str, ma_valid: bool, grid_scale: float = 1.0
+) -> GridImage:
+    """The image and masks on the working grid, or on one `grid_scale` times as fine."""
     grid = WorkGrid.around(detect_field_of_view(rgb), rgb.shape[1], rgb.shape[0])
+    grid = grid.rescaled(grid_scale)
     fov = grid.fov_mask()
     inputs = standardise(resample(rgb, grid), fov, grid.fov_radius).astype(np.float16)
     targets = np.stack([resample(m.astype(np.uint8) * 255, grid) for m in masks])
@@ -143,18 +147,19 @@ def load_negative(image_id: str, root: Path = DEFAULT_ROOT) -> tuple[np.ndarray,
 LOADERS = {"full": load_full, "lowres": load_lowres, "negative": load_negative}
 
 
-def cached(image_id: str, kind: str, root: Path, cache: Path) -> GridImage:
-    """The grid image of one `LOADERS` kind, from `cache` when it was prepared before
-    (decoding is the slow part)."""
+def cached(image_id: str, kind: str, root: Path, cache: Path, grid_scale: float = 1.0) -> GridImage:
+    """The grid image of one `LOADERS` kind (on_grid), from `cache` when it was prepared
+    before (decoding is the slow part)."""
     name = image_id.replace("/", "_")
-    path = cache / f"{kind}-v{CACHE_VERSION}-{WORK_FOV_DIAMETER}-{INPUT_CHANNELS}ch-{name}.npz"
+    diameter = f"{WORK_FOV_DIAMETER}" if grid_scale == 1.0 else f"{WORK_FOV_DIAMETER}x{grid_scale}"
+    path = cache / f"{kind}-v{CACHE_VERSION}-{diameter}-{INPUT_CHANNELS}ch-{name}.npz"
     if path.is_file():
         with np.load(path) as data:
             return GridImage(
                 image_id, data["inputs"], data["targets"], data["fov"], bool(data["ma_valid"])
             )
     rgb, masks = LOADERS[kind](image_id, root)
-    image = on_grid(rgb, masks, image_id, ma_valid=kind != "lowres")
+    image = on_grid(rgb, masks, image_id, ma_valid=kind != "lowres", grid_scale=grid_scale)
     cache.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.npz")  # runs in parallel share the cache
     np.savez(

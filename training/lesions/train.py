@@ -62,6 +62,9 @@ class Config:
     # Log-uniform zoom range of the tiles: at zoom z a tile shows tile / z working px resized to
     # `tile`, as the detector's test_time_scales show the photograph coarser or finer.
     zoom: tuple[float, float] = (1.0, 1.0)
+    # Trains on a grid this many times as fine as the working grid: a context model (0.25) sees
+    # a haemorrhage sheet whole in one tile (detector.CONTEXT_WEIGHTS).
+    grid_scale: float = 1.0
     lowres_fraction: float = 0.2
     negative_fraction: float = 0.15
     # Types whose Dice term also counts in batches without them (compute_loss says why)
@@ -121,6 +124,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
         default=",".join(map(str, defaults.zoom)),
         help="MIN,MAX tile zoom, drawn log-uniformly (0.5,1.5: lesions half to 1.5 times their "
         "working-grid size, with correspondingly more or less context)",
+    )
+    parser.add_argument(
+        "--grid-scale",
+        type=float,
+        default=defaults.grid_scale,
+        help="train on the working grid refined by this factor (0.25: the context model)",
     )
     parser.add_argument("--lowres-fraction", type=float, default=defaults.lowres_fraction)
     parser.add_argument("--negative-fraction", type=float, default=defaults.negative_fraction)
@@ -317,12 +326,17 @@ def new_state(config: Config) -> TrainState:
 
 def start_from(config: Config, state: TrainState) -> None:
     """Load --init's weights and carry its runs over; refuse another fold's model, whose
-    training images may be this fold's held-out ones."""
+    training images may be this fold's held-out ones, and one trained on another grid."""
     assert config.init is not None
     earlier = load_verified(config.init)
     fold = earlier.manifest["training_data"]["fold"]
     if fold != config.fold:
         raise SystemExit(f"--init {config.init} was trained for fold {fold}, not {config.fold}")
+    grid_scale = earlier.manifest["architecture"].get("grid_scale", 1.0)
+    if grid_scale != config.grid_scale:
+        raise SystemExit(
+            f"--init {config.init} has grid scale {grid_scale}, not {config.grid_scale}"
+        )
     state.net.load_state_dict({k: v.float() for k, v in earlier.state.items()})
     state.earlier_runs = earlier.manifest["training"]["runs"]
 
@@ -362,7 +376,9 @@ def train(config: Config, state: TrainState) -> TrainState:
     pools = {
         kind: [
             (image, seeds_of(image, rng))
-            for image in (data.cached(i, kind, config.data_root, config.cache) for i in ids)
+            for image in (
+                data.cached(i, kind, config.data_root, config.cache, config.grid_scale) for i in ids
+            )
         ]
         for kind, ids in training_ids(config).items()
     }
@@ -441,6 +457,7 @@ def export(config: Config, state: TrainState) -> dict:
             "outputs": list(NAMES),
             "activation": "sigmoid per output",
             "work_fov_diameter_px": WORK_FOV_DIAMETER,
+            "grid_scale": config.grid_scale,
         },
         "thresholds": dict.fromkeys(NAMES, 0.5),
         "training_data": training_data,

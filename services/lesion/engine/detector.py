@@ -10,22 +10,28 @@ e.g. 0.75 times as fine, where each tile sees more of the photograph (large haem
 cotton-wool spots whole), or finer ones, where a microaneurysm is wider. Each type averages
 the maps of its own grids, resized back onto the working grid; each grid is computed once,
 whichever types use it, and a finer grid that would enlarge the photograph more than
-MAX_UPSCALE times is skipped (it adds no detail, only time). On CPUs with native bf16
+MAX_UPSCALE times is skipped (it adds no detail, only time). A context model (the manifest's
+`context`) is a second network of the same kind trained on a grid a quarter as fine
+(`training.lesions.train --grid-scale 0.25`), where a whole haemorrhage sheet fits in one tile;
+for the types the manifest gives it a share of, the maps are a weighted mean of the two
+networks'. On CPUs with native bf16
 (AVX512-BF16 / AMX) the pass runs under bf16 autocast with channels-last memory, as the vessel
 network does.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
 
+from services.analysis.engine.model_files import manifest_path
 from services.analysis.engine.runtime import NetRunner
 from services.lesion.engine.preprocess import MAX_UPSCALE, WorkGrid, resample, standardise
 from shared.findings import LESION_SHORT_NAMES, LesionType
@@ -33,6 +39,7 @@ from shared.imaging.fov import FovEstimate, detect_field_of_view
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "lesion-unet.safetensors"
+CONTEXT_WEIGHTS = WEIGHTS_DIR / "lesion-context-unet.safetensors"  # the served context model
 TASK = "lesion-segmentation"
 # Output channel order of the network.
 TYPES = (
@@ -78,6 +85,17 @@ def scales_per_type(chosen: TestTimeScales) -> dict[str, tuple[float, ...]]:
     return out
 
 
+def shares_per_type(shares: Mapping[str, float]) -> dict[str, float]:
+    """A context model's share of each type's map (short names; a type left out: 0)."""
+    unknown = set(shares) - set(NAMES)
+    if unknown:
+        raise ValueError(f"context shares name unknown lesion types {sorted(unknown)}")
+    out = {name: float(shares.get(name, 0.0)) for name in NAMES}
+    if not all(0.0 <= share <= 1.0 for share in out.values()):
+        raise ValueError(f"context shares must lie in 0..1, not {out}")
+    return out
+
+
 def within_upscale(scales: tuple[float, ...], grid: WorkGrid) -> tuple[float, ...]:
     """The scales whose grid enlarges the photograph at most MAX_UPSCALE times (1.0 always)."""
     return tuple(f for f in scales if f <= 1.0 or grid.scale * f <= MAX_UPSCALE)
@@ -118,19 +136,56 @@ class LesionDetector(NetRunner):
         *args: Any,
         test_time_flips: int | None = None,
         test_time_scales: TestTimeScales | None = None,
+        context: LesionDetector | None = None,
+        context_shares: Mapping[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
         """`test_time_flips`: how many of FLIP_DIMS each pass averages; `test_time_scales`:
         the working grid's refinements whose maps are averaged, 1.0 first, for every type or
         per type (short names; a type left out keeps (1.0,)). None: the manifest's choices, 1
-        flip and (1.0,) when it has none."""
+        flip and (1.0,) when it has none. `context`: a context model, whose maps weigh
+        `context_shares` per type (None: the manifest's `context.shares`)."""
         super().__init__(*args, **kwargs)
+        # The grid this network was trained on, relative to the working grid (a context model's
+        # is coarser; training.lesions.train --grid-scale).
+        self.grid_scale = float(self.manifest["architecture"].get("grid_scale", 1.0))
+        self.context = context
+        self.context_shares = shares_per_type(
+            context_shares or self.manifest.get("context", {}).get("shares", {}) if context else {}
+        )
         self.test_time_flips = test_time_flips or int(self.manifest.get("test_time_flips", 1))
         if self.test_time_flips not in (1, 2, 4):
             raise ValueError(f"test_time_flips must be 1, 2 or 4, not {self.test_time_flips}")
         self.test_time_scales = scales_per_type(
             test_time_scales or self.manifest.get("test_time_scales", (1.0,))
         )
+
+    @classmethod
+    def load(
+        cls,
+        weights: Path | None = None,
+        *,
+        context_weights: Path | None = None,
+        context_shares: Mapping[str, float] | None = None,
+        **options: Any,
+    ) -> Self:
+        """NetRunner.load, with the context model at `context_weights` (None: the one the
+        manifest names, `context.weights`, a file beside `weights`) on the same device and
+        threads. The context model has no int8 file: where this one runs int8, it runs as
+        "auto" picks."""
+        weights = weights or cls.DEFAULT_WEIGHTS
+        manifest = manifest_path(weights)
+        if context_weights is None and manifest.is_file():  # else super().load says it is missing
+            named = json.loads(manifest.read_text()).get("context")
+            context_weights = weights.parent / named["weights"] if named else None
+        context = None
+        if context_weights is not None:
+            shared = {k: options[k] for k in ("device", "engine", "threads") if k in options}
+            precision = options.get("precision", "auto")
+            context = super().load(
+                context_weights, precision="auto" if precision == "int8" else precision, **shared
+            )
+        return super().load(weights, context=context, context_shares=context_shares, **options)
 
     def reported_types(self) -> tuple[LesionType, ...]:
         """The types this model reports: those its manifest lists as accurate enough on
@@ -180,6 +235,11 @@ class LesionDetector(NetRunner):
         probs = torch.stack(
             [sum(maps[f][c] for f in scales) / len(scales) for c, scales in enumerate(per_type)]
         )
+        if self.context is not None:
+            coarse = grid.rescaled(self.context.grid_scale)
+            context = self.context.on_grid(image, coarse, grid.shape)
+            shares = torch.tensor([self.context_shares[name] for name in NAMES])[:, None, None]
+            probs = (1 - shares) * probs + shares * context
         probs = probs.numpy() * grid.fov_mask()
         return LesionMaps(probabilities=probs.astype(np.float32), grid=grid)
 
