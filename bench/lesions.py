@@ -33,6 +33,10 @@
   grids that much coarser (the detector's test_time_scales), for every type, or for one type
   with e.g. --test-time-scales he=1,0.75,0.5 (repeatable; a bare list sets the other types').
   --update-manifest makes the served model do the same.
+- --context K=weights gives fold K's model its context model (trained on a grid a quarter as
+  fine, `training.lesions.train --grid-scale 0.25`), whose maps weigh --context-shares
+  (he=0.5: half of each haemorrhage map) in the detector's mix; --update-manifest makes the
+  served model mix the served context model (`detector.CONTEXT_WEIGHTS`) the same way.
 - --precision (default auto, as the services run on this machine): int8 quantises each fold's
   model as `training.quantise` does the served one, calibrated on the fold's own training
   photographs, so the held-out figures measure the int8 models.

@@ -631,16 +631,21 @@ def test_detect_over_grpc_returns_lesions_masks_and_assessment(lesion_address: s
             stub.Detect(_request(fundus, ["vessels"]), timeout=60)
         with pytest.raises(grpc.RpcError) as overlay_error:
             stub.Detect(_request(fundus, [], ("vessels",)), timeout=60)
-        (card,) = stub.ListModels(common_pb2.ListModelsRequest(), timeout=10).models
+        cards = stub.ListModels(common_pb2.ListModelsRequest(), timeout=10).models
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert overlay_error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "unknown overlay layers" in overlay_error.value.details()
     assert [o.layer for o in reply.overlays] == ["lesions", "se"]
     for overlay in reply.overlays:
         assert Image.open(io.BytesIO(overlay.png)).size == fundus.rgb.shape[1::-1]
-    manifest = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())
-    assert (card.name, card.sha256, card.task) == (manifest["name"], manifest["sha256"], TASK)
-    assert [m.sha256 for m in reply.models] == [manifest["sha256"]]
+    manifests = [
+        json.loads(weights.with_suffix(".json").read_text())
+        for weights in (DEFAULT_WEIGHTS, CONTEXT_WEIGHTS)
+    ]
+    assert [(c.name, c.sha256, c.task) for c in cards] == [
+        (m["name"], m["sha256"], TASK) for m in manifests
+    ]
+    assert [m.sha256 for m in reply.models] == [m["sha256"] for m in manifests]
     reported = reported_lesion_types()
     order = ["ma", "he", "ex", "se"]
     assert [c.type for c in reply.counts] == [order.index(r) + 1 for r in reported]

@@ -18,7 +18,7 @@ from services.analysis.engine.model_files import (
 )
 from services.analysis.engine.runtime import NetRunner
 from services.analysis.engine.vessels import VesselSegmenter
-from services.lesion.engine.detector import LesionDetector
+from services.lesion.engine.detector import CONTEXT_WEIGHTS, LesionDetector
 from shared.synthetic import generate_fundus
 from training.quantise import int8_model, recording
 
@@ -54,7 +54,9 @@ def _copied(weights: Path, folder: Path, suffixes: tuple[str, ...]) -> Path:
 
 
 def _lesion_files(folder: Path) -> Path:
-    """A copy of the served lesion model's weights, manifest and int8 file in `folder`."""
+    """A copy of the served lesion model's weights, manifest and int8 file in `folder`, beside
+    its context model's weights and manifest."""
+    _copied(CONTEXT_WEIGHTS, folder, (".safetensors", ".json"))
     return _copied(LesionDetector.DEFAULT_WEIGHTS, folder, (".safetensors", ".json", ".int8.onnx"))
 
 

@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 
 from protos.retinal.v1 import common_pb2, findings_pb2, lesion_pb2, lesion_pb2_grpc
-from services.lesion.engine.detection import detect, model_version
+from services.lesion.engine.detection import detect, model_versions
 from services.lesion.engine.detector import SHORT_NAMES, LesionDetector
 from services.lesion.engine.overlays import LAYERS, layer_types, mask_png, render
 from services.lesion.settings import LesionSettings
@@ -89,7 +89,7 @@ class LesionServicer(lesion_pb2_grpc.LesionServiceServicer):
                 )
                 for layer in overlay_layers
             ],
-            models=[to_proto(model_version(self.detector), findings_pb2.ModelVersion)],
+            models=[to_proto(m, findings_pb2.ModelVersion) for m in model_versions(self.detector)],
             timings_ms={k: round(v, 1) for k, v in result.timings_ms.items()},
         )
 
@@ -97,7 +97,7 @@ class LesionServicer(lesion_pb2_grpc.LesionServiceServicer):
         self, request: common_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.ListModelsResponse:
         return common_pb2.ListModelsResponse(
-            service=SERVICE_NAME, models=[model_card(self.detector.manifest)]
+            service=SERVICE_NAME, models=[model_card(m) for m in self.detector.manifests]
         )
 
 
@@ -113,7 +113,7 @@ def main() -> None:
         precision=settings.precision,
         test_time_scales=settings.test_time_scales,
     )
-    export_model_info("lesion", [detector.manifest])
+    export_model_info("lesion", detector.manifests)
 
     def register(server: grpc.aio.Server) -> Sequence[str]:
         servicer = LesionServicer(detector, settings)

@@ -3,6 +3,8 @@
     python -m training.lesions.train --fold 0 --steps 1500 \
         --output var/lesions/fold0/lesion-unet.safetensors
     python -m training.lesions.train --fold all --steps 1500   # the served model
+    python -m training.lesions.train --fold all --grid-scale 0.25 --steps 2000 \
+        --output services/lesion/weights/lesion-context-unet.safetensors   # its context model
 
 Tiles of the working grid (about half of IDRiD's full resolution, where microaneurysms survive)
 are drawn with a bias towards lesions: with probability --lesion-fraction a tile is centred on a
@@ -11,7 +13,9 @@ and would otherwise hardly be seen). --lowres-fraction of the tiles come from ID
 (images 21-54, no MA labels), and --negative-fraction from photographs of other cameras trained
 as lesion-free (data.negative_ids). --zoom MIN,MAX resizes each tile by a random factor in that
 range (log-uniform), so the network also sees lesions at the sizes the detector's coarser and
-finer test-time scales show them. Loss per type: BCE + soft Dice over the batch (Dice keeps the
+finer test-time scales show them. --grid-scale 0.25 trains a context model instead: the same network
+on a grid a quarter as fine, where a tile holds most of the fundus (detector.py mixes its maps
+in). Loss per type: BCE + soft Dice over the batch (Dice keeps the
 rare, tiny MA from being drowned by background; --dice-when-absent, compute_loss).
 AdamW with warm-up and cosine decay; the decay follows the larger of step/--steps and
 elapsed/--time-limit-min, so a run cut by its time limit still ends at a low learning rate.

@@ -134,11 +134,12 @@ def detect(
     return Detection(lesions, counts, assessment, instances, masks, timings)
 
 
-def model_version(detector: LesionDetector) -> findings.ModelVersion:
-    manifest = detector.manifest
-    return findings.ModelVersion(
-        name=manifest["name"], version=manifest["version"], sha256=manifest["sha256"]
-    )
+def model_versions(detector: LesionDetector) -> list[findings.ModelVersion]:
+    """The lesion network's and its context model's."""
+    return [
+        findings.ModelVersion(name=m["name"], version=m["version"], sha256=m["sha256"])
+        for m in detector.manifests
+    ]
 
 
 def merged(
@@ -150,7 +151,7 @@ def merged(
             "lesions": detection.lesions,
             "lesion_counts": detection.counts,
             "assessment": detection.assessment,
-            "models": [*result.models, model_version(detector)],
+            "models": [*result.models, *model_versions(detector)],
             "timings_ms": {
                 **result.timings_ms,
                 **{f"lesion.{k}": round(v, 1) for k, v in detection.timings_ms.items()},

@@ -187,6 +187,11 @@ class LesionDetector(NetRunner):
             )
         return super().load(weights, context=context, context_shares=context_shares, **options)
 
+    @property
+    def manifests(self) -> list[dict]:
+        """This network's manifest and its context model's, if any."""
+        return [self.manifest, *([self.context.manifest] if self.context else [])]
+
     def reported_types(self) -> tuple[LesionType, ...]:
         """The types this model reports: those its manifest lists as accurate enough on
         held-out images (`reported_types`, written by bench/lesions.py); all when unlisted."""
