@@ -97,7 +97,9 @@ def test_lesion_detect_answers_a_black_image_with_a_valid_response(
             lesion_pb2.DetectRequest(image=_image()), timeout=30
         )
     assert len(reply.counts) == len(reported_lesion_types())
-    assert len(reply.models) == 1 and reply.models[0].sha256
+    # The lesion network and its context model (services/lesion/weights).
+    assert [m.name for m in reply.models] == ["lesion-unet", "lesion-context-unet"]
+    assert all(len(m.sha256) == 64 for m in reply.models)
     assert reply.HasField("assessment")
 
 
