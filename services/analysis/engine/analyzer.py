@@ -20,6 +20,7 @@ import numpy as np
 
 from services.analysis.engine.disc import DiscSegmenter
 from services.analysis.engine.fovea import locate_fovea
+from services.analysis.engine.model_files import model_version
 from services.analysis.engine.overlays import OverlayInputs
 from services.analysis.engine.quality import QualityGrader
 from services.analysis.engine.runtime import Precision
@@ -39,12 +40,6 @@ class AnalysisResult:
     findings: findings.Findings
     layers: dict[str, np.ndarray] = field(default_factory=dict)
     overlay: OverlayInputs | None = None
-
-
-def _model_version(manifest: dict) -> findings.ModelVersion:
-    return findings.ModelVersion(
-        name=manifest["name"], version=manifest["version"], sha256=manifest["sha256"]
-    )
 
 
 def _timed(timings: dict[str, float], stage: str, run: Callable[[], T]) -> T:
@@ -115,7 +110,7 @@ class Analyzer:
 
     @property
     def models(self) -> list[findings.ModelVersion]:
-        return [_model_version(m) for m in self.manifests]
+        return [model_version(m) for m in self.manifests]
 
     def analyze(self, rgb: np.ndarray, info: findings.ImageInfo) -> AnalysisResult:
         result = findings.Findings(image=info, models=self.models)

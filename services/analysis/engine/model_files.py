@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from shared import findings
+
 _REQUIRED = ("name", "version", "sha256", "task")
 
 
@@ -40,6 +42,13 @@ def sha256_of(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def model_version(manifest: dict[str, Any]) -> findings.ModelVersion:
+    """What the findings record of a loaded model: its name, version and weights' sha256."""
+    return findings.ModelVersion(
+        name=manifest["name"], version=manifest["version"], sha256=manifest["sha256"]
+    )
 
 
 def manifest_path(weights: Path) -> Path:

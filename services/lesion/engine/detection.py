@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from services.analysis.engine.model_files import model_version
 from services.lesion.engine.detector import TYPES, LesionDetector, LesionMaps
 from services.lesion.engine.instances import Instance, extract
 from shared import findings
@@ -136,10 +137,7 @@ def detect(
 
 def model_versions(detector: LesionDetector) -> list[findings.ModelVersion]:
     """The lesion network's and its context model's."""
-    return [
-        findings.ModelVersion(name=m["name"], version=m["version"], sha256=m["sha256"])
-        for m in detector.manifests
-    ]
+    return [model_version(m) for m in detector.manifests]
 
 
 def merged(
