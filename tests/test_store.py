@@ -228,3 +228,20 @@ def test_lost_images_are_found_and_requeued_once(store_url: str) -> None:
     assert store.claim_image(ids[1], lease_s=60).attempts == 2
     assert store.lost_images("epoch-2", unsent_grace_s=0) == []
     store.close()
+
+
+def test_a_task_taken_by_a_worker_that_died_before_claiming_is_lost_once_the_queue_is_empty(
+    store_url: str,
+) -> None:
+    store = ResultsStore(store_url)
+    _, ids = _new_batch(store, queued=2)
+    store.mark_sent(ids, "epoch-1")
+    assert store.claim_image(ids[1], lease_s=60) is not None  # a live worker holds this one
+    # While tasks wait in the queue, an unclaimed image may just be waiting its turn.
+    assert store.lost_images("epoch-1", unsent_grace_s=0) == []
+    # Queue empty: still unclaimed after the grace period means its task went with a worker.
+    assert store.lost_images("epoch-1", unsent_grace_s=60, queue_empty=True) == []
+    lost = store.lost_images("epoch-1", unsent_grace_s=0, queue_empty=True)
+    assert [image.id for image in lost] == [ids[0]]
+    assert store.requeue(lost[0], "epoch-1")
+    store.close()

@@ -48,6 +48,7 @@ from sqlalchemy import (
     insert,
     or_,
     select,
+    true,
     update,
 )
 from sqlalchemy.engine import Engine, make_url
@@ -560,22 +561,25 @@ class ResultsStore:
                     .values(epoch=epoch)
                 )
 
-    def lost_images(self, epoch: str, unsent_grace_s: float, limit: int = 1000) -> list[LostImage]:
+    def lost_images(
+        self, epoch: str, unsent_grace_s: float, *, queue_empty: bool = False, limit: int = 1000
+    ) -> list[LostImage]:
         """Unfinished images whose task is gone: sent under another broker epoch (the broker
-        lost its queues), never sent for `unsent_grace_s` (the sender failed), or whose lease
-        ended (the worker holding it died)."""
+        lost its queues), never sent for `unsent_grace_s` (the sender failed), whose lease
+        ended (the worker holding it died), or, when the broker's queue is empty, still
+        unclaimed `unsent_grace_s` after sending (a worker died after taking the task and
+        before claiming the image: the broker would hold that task back until its visibility
+        timeout, an hour)."""
         now = dt.datetime.now(dt.UTC)
         queued = batch_images.c.state == ImageState.QUEUED
         unleased = batch_images.c.lease_until.is_(None)
+        waited = batch_images.c.updated_at < now - dt.timedelta(seconds=unsent_grace_s)
         lost = or_(
             and_(
                 queued, unleased, batch_images.c.epoch.is_not(None), batch_images.c.epoch != epoch
             ),
             and_(
-                queued,
-                unleased,
-                batch_images.c.epoch.is_(None),
-                batch_images.c.updated_at < now - dt.timedelta(seconds=unsent_grace_s),
+                queued, unleased, waited, true() if queue_empty else batch_images.c.epoch.is_(None)
             ),
             and_(batch_images.c.state.in_(PENDING_STATES), batch_images.c.lease_until < now),
         )

@@ -5,7 +5,9 @@ under the broker's *epoch*: a random id kept in the broker itself (a Redis key s
 which disappears with the broker's data. When Redis restarts without its data, is flushed or
 replaced, its epoch changes, and the reconciler (a loop in the gateway) sends again every
 queued image sent under another epoch. It also sends an image whose worker's lease ended
-(the worker died holding it) and one never sent (its sender failed). Sending twice is safe:
+(the worker died holding it), one never sent (its sender failed) and, once the queue is empty,
+one still unclaimed long after sending (a worker died between taking its task and claiming
+it; Redis would hold that task back for an hour). Sending twice is safe:
 a worker claims an image only while it is queued, so a duplicate message does nothing.
 
 The embedded filesystem broker keeps messages as files, which outlive every process: its
@@ -97,7 +99,7 @@ class BatchQueue:
         if depth is not None:
             QUEUE_DEPTH.set(depth)
         sent = 0
-        for lost in store.lost_images(epoch, unsent_grace_s):
+        for lost in store.lost_images(epoch, unsent_grace_s, queue_empty=depth == 0):
             if not store.requeue(lost, epoch):
                 continue  # changed since it was read: not lost after all, or sent by another
             try:
