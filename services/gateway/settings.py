@@ -47,7 +47,8 @@ class GatewaySettings(BaseSettings):
     batch_max_total_mb: int = Field(default=8192, ge=1)  # a zip's members, uncompressed
     batch_max_compression_ratio: float = Field(default=100.0, gt=1)  # per zip member
     # Seconds between passes of the reconciler that sends the tasks a broker lost, and how
-    # long a batch image may wait unsent (its sender failed) before it is sent again.
+    # long a batch image may wait unsent (its sender failed), or unclaimed once the queue is
+    # empty (its worker died holding the task), before it is sent again.
     batch_reconcile_interval_s: float = Field(default=30.0, gt=0)
     batch_unsent_grace_s: float = Field(default=60.0, ge=0)
 
